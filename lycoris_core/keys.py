@@ -1,0 +1,59 @@
+"""Split file keys into (module, canonical suffix) across the kohya/LyCORIS, diffusers and peft families."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .algos.registry import known_suffixes
+
+# other trainers' spellings -> our canonical LyCORIS suffix; matched at the end of a key after a "."
+ALIASES: dict[str, str] = {
+    "lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
+    "lora_A.default.weight": "lora_down.weight", "lora_B.default.weight": "lora_up.weight",
+    "lora_A": "lora_down.weight", "lora_B": "lora_up.weight",
+    "lora.down.weight": "lora_down.weight", "lora.up.weight": "lora_up.weight",
+    "lora_linear_layer.down.weight": "lora_down.weight",
+    "lora_linear_layer.up.weight": "lora_up.weight",
+    "lora_magnitude_vector": "dora_scale", "lora_magnitude_vector.weight": "dora_scale",
+    "lora_magnitude_vector.default.weight": "dora_scale",
+}
+# old diffusers attention processors glue the suffix on with "_" (…processor.to_q_lora.up.weight)
+GLUED_ALIASES: dict[str, str] = {"_lora.down.weight": "lora_down.weight",
+                                 "_lora.up.weight": "lora_up.weight"}
+# keys that are understood but never patch a weight
+IGNORED_SUFFIXES: dict[str, str] = {
+    "bias_indices": "sparse bias residual from old extract tools is not applied",
+    "bias_values": "sparse bias residual from old extract tools is not applied",
+    "bias_size": "sparse bias residual from old extract tools is not applied",
+    "scale": "A1111-only 'scale' key is not used (alpha/rank is)",
+}
+
+
+def split_key(key: str, suffixes: Iterable[str] | None = None) -> tuple[str, str | None]:
+    """(module, canonical suffix), or (best-guess module, None) when no suffix is known."""
+    table = {s: s for s in (suffixes or known_suffixes())}
+    table.update(ALIASES)
+    table.update({s: s for s in IGNORED_SUFFIXES})
+    best = None
+    for suffix, canonical in table.items():
+        if key.endswith("." + suffix) and (best is None or len(suffix) > len(best[0])):
+            best = (suffix, canonical)
+    if best is not None:
+        return key[: -len(best[0]) - 1], best[1]
+    for glued, canonical in GLUED_ALIASES.items():
+        if key.endswith(glued):
+            return key[: -len(glued)], canonical
+    return (key.split(".", 1)[0] if "." in key else key), None
+
+
+def group_keys(keys: Iterable[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """({module: {canonical suffix: file key}}, [keys with no known suffix])."""
+    suffixes = known_suffixes()
+    modules: dict[str, dict[str, str]] = {}
+    unknown: list[str] = []
+    for key in keys:
+        module, suffix = split_key(key, suffixes)
+        if suffix is None:
+            unknown.append(key)
+        else:
+            modules.setdefault(module, {})[suffix] = key
+    return modules, unknown
