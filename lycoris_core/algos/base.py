@@ -115,9 +115,13 @@ class Adapter(nn.Module):
         return layer.op(x, d)
 
     def prepare(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Factors on `device` in fp32, possibly precombined; the base then casts them to `dtype`."""
-        return {attr: getattr(self, attr).to(device=device, dtype=FP32)
-                for attr in self.keys.values() if getattr(self, attr, None) is not None}
+        """Factors on `device` in fp32 (scalar folded into the first), possibly precombined by
+        subclasses; the base then casts them to `dtype`."""
+        p = {attr: getattr(self, attr).to(device=device, dtype=FP32)
+             for attr in self.keys.values() if getattr(self, attr, None) is not None}
+        if self.scalar is not None and self.first_factor in p:
+            p[self.first_factor] = p[self.first_factor] * self.scalar.to(device, FP32)
+        return p
 
     # ----- shared behaviour -----------------------------------------------------------------
     @property
@@ -134,14 +138,12 @@ class Adapter(nn.Module):
         return any(p.requires_grad for p in self.parameters())
 
     def _prepared(self, device: torch.device, dtype: torch.dtype) -> dict:
-        """`prepare` with the scalar folded in, cached per device/dtype unless training."""
+        """`prepare` cast to `dtype`, cached per device/dtype unless training."""
         training = self._trainable() and torch.is_grad_enabled()
         key = (str(device), dtype)
         if not training and key in self._cache:
             return self._cache[key]
         p = self.prepare(device, dtype)
-        if self.scalar is not None and self.first_factor in p:
-            p[self.first_factor] = p[self.first_factor] * self.scalar.to(device, FP32)
         if dtype != FP32:
             p = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
                  for k, v in p.items()}
