@@ -218,13 +218,21 @@ class Adapter(nn.Module):
         with torch.no_grad():
             for start in range(0, rows_total, step):
                 rows = slice(start, min(start + step, rows_total))
-                w = weight[rows].to(FP32)
-                d = self.full_diff(w, rows, p)
-                if out.dtype == FP32:
-                    torch.add(w, d, alpha=strength, out=out[rows])
+                if weight.dtype == FP32:
+                    self.merge_rows(weight[rows], rows, p, strength, out[rows])
                 else:
-                    out[rows] = w.add_(d, alpha=strength)
+                    scratch = weight[rows].to(FP32)
+                    self.merge_rows(scratch, rows, p, strength, scratch)
+                    out[rows] = scratch
         return out
+
+    def merge_rows(self, w: torch.Tensor, rows: slice, p: dict, strength: float,
+                   dest: torch.Tensor) -> None:
+        """Write fp32 `w + m * D(w)` for these rows into `dest` (which may alias `w`).
+
+        Algorithms with a fused kernel (LoRA: one addmm) override this to skip the temporary D.
+        """
+        torch.add(w, self.full_diff(w, rows, p), alpha=strength, out=dest)
 
     def merge_bias(self, bias: torch.Tensor | None, strength: float = 1.0) -> torch.Tensor | None:
         """The patched bias; most algorithms leave it alone."""

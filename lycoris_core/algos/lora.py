@@ -72,6 +72,15 @@ class LoRA(Adapter):
         up = p["up_mat"] if rows is None else p["up_mat"][rows]
         return (up @ p["down_mat"]).reshape(weight.shape)
 
+    def merge_rows(self, w, rows, p, strength, dest):
+        if self.dora_scale is not None:
+            return super().merge_rows(w, rows, p, strength, dest)
+        w2, d2 = w.reshape(w.shape[0], -1), dest.reshape(dest.shape[0], -1)
+        if d2.data_ptr() == w2.data_ptr():
+            d2.addmm_(p["up_mat"][rows], p["down_mat"], alpha=strength)
+        else:
+            torch.addmm(w2, p["up_mat"][rows], p["down_mat"], alpha=strength, out=d2)
+
     def delta_forward(self, x, layer: LayerSpec, p):
         if layer.kind == "linear":
             return (x @ p["down_mat"].t()) @ p["up_mat"].t()
