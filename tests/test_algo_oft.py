@@ -1,0 +1,296 @@
+"""Diag-OFT: merge and bypass against lycoris-lora's DiagOFTModule; kohya and legacy layouts.
+
+Reference: LyCORIS 3.3.0's normal (non-bypass) forward is `base(x) + op(x, make_weight(m) - W)`, i.e.
+the layer run with the rotated weight and the *unrotated* bias; `get_merged_weight(m)` returns that
+same `make_weight(m)`. Its bypass paths raise in 3.3.0 (formats doc 1.14/1.15), so they are no oracle.
+"""
+import warnings
+
+import pytest
+import torch
+from lycoris.modules.diag_oft import DiagOFTModule
+from torch import nn
+
+from lycoris_core import LayerSpec, LycorisError, LycorisShapeError, LycorisWarning, load_file
+from lycoris_core.algos import base as base_module
+from lycoris_core.algos import oft as oft_module
+from lycoris_core.algos.boft import BOFT
+from lycoris_core.algos.oft import DiagOFT, LegacyDiagOFT
+from lycoris_core.algos.registry import detect
+from oracle import (DTYPE_TOL, LAYER_KINDS, STRENGTHS, bypass_forward, make_layer, merged_forward,
+                    randomize, reference_forward, rel_err, sample_input, to_adapter)
+
+OPTIONS = [dict(constraint=c, rescaled=r) for c in (0.0, 0.01) for r in (False, True)]
+
+
+def _id(opts):
+    return "-".join(f"{k}={v}" for k, v in opts.items())
+
+
+def build(kind, constraint=0.0, rescaled=False, lora_dim=4):
+    layer = make_layer(kind)
+    ref = DiagOFTModule("lora_unet_test", layer, lora_dim=lora_dim, constraint=constraint,
+                        rescaled=rescaled)
+    randomize(ref)  # oft_blocks ~ N(0, 0.1): a clearly non-identity rotation
+    if rescaled:
+        with torch.no_grad():
+            ref.rescale.add_(1.0)  # rescale near 1, as after training
+    return layer, ref, to_adapter(ref)
+
+
+def skew_norm(blocks):
+    return float((blocks - blocks.transpose(-1, -2)).norm())
+
+
+def dense_expected(weight, blocks, constraint=None, strength=1.0):
+    """W + m (R^T W - W) from the formula, with a dense block-diagonal R (fine in a test)."""
+    q = blocks.double() - blocks.double().transpose(-1, -2)
+    out = weight.shape[0]
+    if constraint and float(q.norm()) + 1e-8 > constraint * out:
+        q = q * constraint * out / (q.norm() + 1e-8)
+    eye = torch.eye(q.shape[-1], dtype=torch.float64)
+    r = torch.block_diag(*[(eye + qk) @ torch.linalg.inv(eye - qk) for qk in q])
+    w = weight.double().reshape(out, -1)
+    return (w + strength * (r.t() @ w - w)).reshape(weight.shape)
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=_id)
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_merge_matches_reference(kind, opts):
+    layer, ref, adapter = build(kind, **opts)
+    assert type(adapter) is DiagOFT and adapter.oft_blocks.ndim == 3
+    if opts["constraint"]:  # the bound c * O must actually clip Q in this test
+        assert skew_norm(ref.oft_blocks.detach()) > opts["constraint"] * layer.weight.shape[0]
+    x = sample_input(layer)
+    assert rel_err(merged_forward(adapter, layer, x), reference_forward(ref, x)) < 1e-5
+    with torch.no_grad():
+        ref_weight = ref.get_merged_weight(1.0)[0]
+    assert rel_err(adapter.merge(layer.weight.detach(), 1.0), ref_weight) < 1e-6
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=_id)
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_strength_is_affine_and_bypass_matches_merge(kind, opts):
+    layer, _, adapter = build(kind, **opts)
+    assert layer.bias is not None and layer.bias.abs().sum() > 0  # bypass must keep the bias as is
+    w = layer.weight.detach()
+    full = adapter.merge(w, 1.0)
+    x = sample_input(layer)
+    for m in STRENGTHS:
+        merged = adapter.merge(w, m)
+        if m == 0:
+            assert torch.equal(merged, w)
+            assert torch.equal(bypass_forward(adapter, layer, x, m), layer(x))
+        assert rel_err(merged, w + m * (full - w)) < 1e-6
+        assert rel_err(bypass_forward(adapter, layer, x, m), merged_forward(adapter, layer, x, m)) < 1e-5
+
+
+@pytest.mark.parametrize("rescaled", [False, True])
+def test_other_strengths_against_reference(rescaled):
+    """Without rescale LyCORIS's `I + m(R - I)` is our affine rule; with rescale LyCORIS keeps the
+    rescale at every m: LyCORIS minus ours is exactly (1 - m)(rescale - 1) W (documented)."""
+    layer, ref, adapter = build("conv3x3", constraint=0.01, rescaled=rescaled)
+    w = layer.weight.detach()
+    for m in (0.5, -1.0, 1.7):
+        with torch.no_grad():
+            lyco = ref.get_merged_weight(m)[0]
+        ours = adapter.merge(w, m)
+        if not rescaled:
+            assert rel_err(ours, lyco) < 1e-6
+        else:
+            gap = (1 - m) * (ref.rescale.detach() - 1) * w
+            assert rel_err(lyco - ours, gap) < 1e-4
+            assert rel_err(ours, lyco) > 1e-3
+
+
+def test_bypass_other_conv_layouts():
+    """Conv1d (channel axis 1 of a 3-d output) and a grouped conv whose blocks cross groups
+    (output rotation would be wrong there; the adapter falls back to the dense dW)."""
+    torch.manual_seed(0)
+    conv1d = nn.Conv1d(8, 16, 3, padding=1)
+    grouped = nn.Conv2d(8, 16, 3, padding=1, groups=4)  # 4 output channels per group
+    blocks = torch.randn(2, 8, 8) * 0.1  # blocks of 8 channels span two groups
+    for layer, x in ((conv1d, torch.randn(2, 8, 7)), (grouped, torch.randn(2, 8, 5, 5))):
+        adapter = load_file({"m.oft_blocks": blocks}, strict=True)["m"]
+        for m in (1.0, 0.5):
+            assert rel_err(bypass_forward(adapter, layer, x, m), merged_forward(adapter, layer, x, m)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_half_precision(kind, dtype):
+    layer, _, adapter = build(kind, constraint=0.01, rescaled=True)
+    w32 = layer.weight.detach()
+    expected = adapter.merge(w32, 0.7)
+    got = adapter.merge(w32.to(dtype), 0.7)
+    assert got.dtype == dtype
+    assert rel_err(got.float(), expected) < DTYPE_TOL[dtype]
+    x = sample_input(layer)
+    spec = LayerSpec.from_module(layer)
+    with torch.no_grad():
+        out = adapter.bypass(x.to(dtype), lambda v: spec.op(v, w32.to(dtype), layer.bias.to(dtype)),
+                             0.7, spec)
+    assert out.dtype == dtype
+    assert rel_err(out.float(), merged_forward(adapter, layer, x, 0.7)) < 4 * DTYPE_TOL[dtype]
+
+
+@pytest.mark.parametrize("constraint", [0.0, 0.01])
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_orthogonal_at_strength_one(kind, constraint):
+    layer, _, adapter = build(kind, constraint=constraint)
+    w = layer.weight.detach()
+    merged = adapter.merge(w, 1.0)
+    assert rel_err(merged, w) > 1e-2  # really rotated
+    # a rotation of the rows keeps every column's norm (and so the Frobenius norm)
+    cols = w.reshape(w.shape[0], -1).norm(dim=0)
+    assert rel_err(merged.reshape(w.shape[0], -1).norm(dim=0), cols) < 1e-6
+    assert abs(float(merged.norm() / w.norm()) - 1) < 1e-6
+
+
+def test_kohya_layout():
+    """kohya `networks/oft.py`: same tensors under an `oft_unet_` prefix, alpha = constraint."""
+    torch.manual_seed(3)
+    name = "oft_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    blocks = torch.randn(8, 6, 6) * 0.2
+    sd = {f"{name}.oft_blocks": blocks, f"{name}.alpha": torch.tensor(0.005)}
+    adapter = load_file(sd, strict=True)[name]
+    assert type(adapter) is DiagOFT and adapter.constraint == pytest.approx(0.005)
+    w = torch.randn(48, 20)
+    assert skew_norm(blocks) > 0.005 * 48  # constraint active
+    for m in (1.0, 0.5):
+        assert rel_err(adapter.merge(w, m), dense_expected(w, blocks, 0.005, m)) < 1e-6
+
+
+def test_legacy_oft_diag_rotation_form():
+    """Nov 2023 - Feb 2024: `oft_diag` holds the final block matrices (R, rescale folded in)."""
+    torch.manual_seed(4)
+    skew = torch.randn(6, 4, 4) * 0.3
+    skew = skew - skew.transpose(1, 2)
+    eye = torch.eye(4)
+    r = (eye + skew) @ torch.linalg.inv(eye - skew)
+    stored = r * (1 + 0.1 * torch.randn(6, 4, 1))  # that era folded rescale into R's rows
+    w = torch.randn(24, 5, 3, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LycorisWarning)
+        adapter = load_file({"lora_unet_x.oft_diag": stored}, strict=True)["lora_unet_x"]
+    assert type(adapter) is LegacyDiagOFT and not adapter.raw_delta
+    expected = torch.einsum("kij,kif->kjf", stored.double(), w.double().reshape(6, 4, -1)).reshape(w.shape)
+    for m in (1.0, 0.5, -1.0):
+        assert rel_err(adapter.merge(w, m), w + m * (expected - w)) < 1e-6
+    assert set(adapter.export()) == {"oft_diag"}
+    assert torch.equal(adapter.export()["oft_diag"], stored)
+
+
+def test_legacy_oft_diag_raw_delta_form():
+    """Oct 2023: `oft_diag` was a raw delta D with block matrix I + D; told apart by values near 0."""
+    torch.manual_seed(5)
+    delta = torch.randn(6, 4, 4) * 0.05
+    with pytest.warns(LycorisWarning, match="raw"):
+        adapter = load_file({"lora_unet_x.oft_diag": delta}, strict=True)["lora_unet_x"]
+    assert adapter.raw_delta
+    w = torch.randn(24, 16)
+    mats = delta.double() + torch.eye(4, dtype=torch.float64)
+    expected = torch.einsum("kij,kif->kjf", mats, w.double().reshape(6, 4, -1)).reshape(w.shape)
+    assert rel_err(adapter.merge(w, 1.0), expected) < 1e-6
+    assert rel_err(adapter.merge(w, 0.5), w + 0.5 * (expected - w)) < 1e-6
+
+
+def test_legacy_1d_rescale():
+    """Feb 2024 files store rescale as (O,): read per output channel, like the O x 1 x 1 x 1 form."""
+    layer, ref, adapter = build("conv3x3", constraint=0.01, rescaled=True)
+    sd = {f"m.{k}": v.detach().clone() for k, v in ref.state_dict().items()}
+    sd["m.rescale"] = sd["m.rescale"].reshape(-1)
+    old = load_file(sd, strict=True)["m"]
+    w = layer.weight.detach()
+    assert rel_err(old.merge(w, 1.0), adapter.merge(w, 1.0)) < 1e-7
+    assert old.export()["rescale"].shape == (40,)  # kept as stored
+
+
+def test_detection():
+    assert detect({"oft_blocks": (12, 4, 4), "alpha": ()}) is DiagOFT
+    assert detect({"oft_blocks": (4, 8, 6, 6), "alpha": (), "rescale": (48, 1)}) is BOFT
+    assert detect({"oft_diag": (12, 4, 4)}) is LegacyDiagOFT
+    assert detect({"oft_blocks": (12, 16)}) is None
+
+
+@pytest.mark.parametrize("sd, match", [
+    ({"m.oft_blocks": torch.zeros(4, 3, 5)}, "square"),
+    ({"m.oft_blocks": torch.zeros(4, 3, 3), "m.rescale": torch.ones(13, 1)}, "rescale"),
+])
+def test_bad_shapes(sd, match):
+    with pytest.raises(LycorisShapeError, match=match):
+        load_file(sd, strict=True)
+
+
+def test_dora_scale_is_refused():
+    sd = {"m.oft_blocks": torch.zeros(4, 3, 3), "m.dora_scale": torch.ones(12, 1)}
+    with pytest.raises(LycorisError, match="dora_scale is not supported"):
+        load_file(sd, strict=True)
+    with pytest.warns(LycorisWarning, match="dora_scale"):
+        assert len(load_file(sd).problems) == 1  # skipped with a report when not strict
+
+
+@pytest.mark.parametrize("cls", [DiagOFT, BOFT])
+def test_create_refuses_norm_layers(cls):
+    norm = LayerSpec("norm", (16,), weight=torch.ones(16), norm_type="layer")
+    with pytest.raises(LycorisError, match="not norm"):
+        cls.create(norm, rank=4)
+    with pytest.raises(LycorisError, match="read-only"):
+        LegacyDiagOFT.create(LayerSpec.from_module(make_layer("linear")), rank=4)
+
+
+def test_wrong_target():
+    adapter = load_file({"m.oft_blocks": torch.zeros(4, 3, 3)}, strict=True)["m"]
+    with pytest.raises(LycorisShapeError):
+        adapter.merge(torch.zeros(13, 4))
+
+
+def test_streaming_merge_computes_rotation_once(monkeypatch):
+    layer, _, adapter = build("conv3x3", constraint=0.01, rescaled=True)
+    w = layer.weight.detach()
+    whole = adapter.merge(w, 0.8)
+    calls = []
+    real = oft_module.cayley
+    monkeypatch.setattr(oft_module, "cayley", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(base_module, "CHUNK_ELEMENTS", 300)  # ~1 block (4 rows x 288) per chunk
+    adapter.clear_cache()
+    for dtype in (torch.float32, torch.float16):
+        chunked = adapter.merge(w.to(dtype), 0.8)
+        assert rel_err(chunked.float(), whole) < DTYPE_TOL[dtype]
+    assert len(calls) == 1
+    assert adapter._prepared(w.device, torch.float32)["r"].shape == adapter.oft_blocks.shape
+
+
+def test_round_trip_and_export_layout():
+    layer, ref, adapter = build("conv3x3", constraint=0.01, rescaled=True)
+    exported = adapter.export()
+    reference = ref.state_dict()
+    assert exported.keys() == reference.keys()
+    for k, v in reference.items():
+        assert exported[k].dtype == v.dtype and torch.equal(exported[k], v), k
+    again = load_file({f"m.{k}": v for k, v in exported.items()}, strict=True)["m"]
+    w = layer.weight.detach()
+    assert torch.equal(again.merge(w, 0.7), adapter.merge(w, 0.7))
+    assert all(v.dtype == torch.float16 for v in adapter.export(torch.float16).values())
+
+
+@pytest.mark.parametrize("rescaled", [False, True])
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_trainable_starts_at_identity_and_gets_gradients(kind, rescaled):
+    layer = make_layer(kind)
+    spec = LayerSpec.from_module(layer)
+    adapter = DiagOFT.create(spec, rank=4, constraint=1e-3, rescaled=rescaled)
+    ref = DiagOFTModule("t", layer, lora_dim=4, constraint=1e-3, rescaled=rescaled)
+    exported = adapter.export()
+    assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert float(exported["alpha"]) == pytest.approx(1e-3)
+    w = layer.weight.detach()
+    assert torch.equal(adapter.merge(w, 1.0), w)
+    x = sample_input(layer)
+    assert torch.equal(bypass_forward(adapter, layer, x, 1.0), layer(x).detach())
+    out = adapter.bypass(x, layer.forward, 1.0, layer)
+    (out.square().sum() + adapter.merge(w, 1.0).square().sum()).backward()
+    params = [p for p in adapter.parameters() if p.requires_grad]
+    assert len(params) == (2 if rescaled else 1)
+    for p in params:
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
