@@ -1,0 +1,269 @@
+"""Full (diff / diff_b / set_weight) and norm layers (w_norm / b_norm) against lycoris-lora's
+FullModule and NormModule.
+
+FullModule's normal forward is unusable in 3.3.0 (`apply_to` deletes the layer's weight, then calls
+the layer's own forward: AttributeError), and `get_merged_weight` before `apply_to` fails on a list
+bias; its `state_dict` is only right after `apply_to` (before, it writes diff - W). So the oracle is
+the module's merged weight and bias after `apply_to` (what its forward would add up to), and the
+file is its `state_dict()` taken at that point.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from lycoris.modules.full import FullModule
+from lycoris.modules.norms import NormModule
+from torch import nn
+
+from lycoris_core import LayerSpec, LycorisError, LycorisShapeError, load_file
+from lycoris_core.algos.full import Full
+from lycoris_core.algos.norm import Norm
+from oracle import (DTYPE_TOL, LAYER_KINDS, STRENGTHS, bypass_forward, make_layer, merged_forward,
+                    randomize, reference_forward, rel_err, sample_input, to_adapter)
+
+NAME = "lora_unet_test"
+
+
+# ----- full ---------------------------------------------------------------------------------
+def build_full(kind, bias=True):
+    layer = make_layer(kind)
+    if not bias:
+        layer.bias = None
+    ref = FullModule(NAME, layer)
+    randomize(ref)
+    ref.apply_to()
+    try:
+        weight, bias_ = ref.get_merged_weight()
+        expected = (weight.detach().clone(), None if bias_ is None else bias_.detach().clone())
+        adapter = to_adapter(ref)
+    finally:
+        ref.restore()
+    return layer, expected, adapter
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_full_merge_matches_reference(kind):
+    layer, (ref_w, ref_b), adapter = build_full(kind)
+    assert adapter.diff_b is not None
+    x = sample_input(layer)
+    spec = LayerSpec.from_module(layer)
+    expected = spec.op(x, ref_w, ref_b)
+    assert rel_err(merged_forward(adapter, layer, x), expected) < 1e-5
+    with torch.no_grad():
+        assert rel_err(layer(x), expected) > 1e-3
+        assert rel_err(adapter.merge_bias(layer.bias.detach()), ref_b) < 1e-6
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_full_strength_is_affine_and_bypass_matches_merge(kind, bias):
+    layer, _, adapter = build_full(kind, bias)
+    assert (adapter.diff_b is not None) == bias
+    w = layer.weight.detach()
+    full = adapter.merge(w, 1.0)
+    x = sample_input(layer)
+    for m in STRENGTHS:
+        merged = adapter.merge(w, m)
+        if m == 0:
+            assert torch.equal(merged, w)
+            if bias:
+                assert torch.equal(adapter.merge_bias(layer.bias.detach(), m), layer.bias)
+        assert rel_err(merged, w + m * (full - w)) < 1e-6
+        assert rel_err(bypass_forward(adapter, layer, x, m), merged_forward(adapter, layer, x, m)) < 1e-5
+
+
+def test_full_diff_b_on_a_layer_without_bias():
+    """LyCORIS gives such a layer a bias of diff_b; merge_bias returns m * diff_b, bypass adds it."""
+    layer = make_layer("linear")
+    layer.bias = None
+    g = torch.Generator().manual_seed(3)
+    sd = {f"{NAME}.diff": torch.randn(48, 64, generator=g) * 0.1,
+          f"{NAME}.diff_b": torch.randn(48, generator=g)}
+    adapter = load_file(sd, strict=True)[NAME]
+    assert torch.equal(adapter.merge_bias(None, 0.5), 0.5 * sd[f"{NAME}.diff_b"])
+    assert adapter.merge_bias(None, 0.0) is None
+    x = sample_input(layer)
+    assert rel_err(bypass_forward(adapter, layer, x, 0.5), merged_forward(adapter, layer, x, 0.5)) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_full_merge_in_half_precision(kind, dtype):
+    layer, _, adapter = build_full(kind)
+    w32, b32 = layer.weight.detach(), layer.bias.detach()
+    got = adapter.merge(w32.to(dtype), 0.7)
+    assert got.dtype == dtype
+    assert rel_err(got.float(), adapter.merge(w32, 0.7)) < DTYPE_TOL[dtype]
+    b = adapter.merge_bias(b32.to(dtype), 0.7)
+    assert b.dtype == dtype
+    assert rel_err(b.float(), adapter.merge_bias(b32, 0.7)) < DTYPE_TOL[dtype]
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_set_weight_interpolates_towards_the_new_weight(kind):
+    layer = make_layer(kind)
+    w = layer.weight.detach()
+    new = torch.randn(w.shape, generator=torch.Generator().manual_seed(4)) * 0.1
+    adapter = load_file({f"{NAME}.set_weight": new}, strict=True)[NAME]
+    assert isinstance(adapter, Full)
+    assert torch.equal(adapter.merge(w, 0.0), w)
+    assert rel_err(adapter.merge(w, 1.0), new) < 1e-6  # ComfyUI: always the new weight
+    x = sample_input(layer)
+    for m in (0.5, -1.0, 1.7):
+        assert rel_err(adapter.merge(w, m), w + m * (new - w)) < 1e-6
+        assert rel_err(bypass_forward(adapter, layer, x, m), merged_forward(adapter, layer, x, m)) < 1e-5
+    assert set(adapter.export()) == {"set_weight"}
+
+
+def test_full_validation_errors_name_the_key():
+    with pytest.raises(LycorisError, match=r"lora_unet_test\.set_weight.*both diff and set_weight"):
+        load_file({f"{NAME}.diff": torch.zeros(4, 4), f"{NAME}.set_weight": torch.zeros(4, 4)}, strict=True)
+    with pytest.raises(LycorisShapeError, match=r"lora_unet_test\.diff_b.*5 entries.*4 output rows"):
+        load_file({f"{NAME}.diff": torch.zeros(4, 3), f"{NAME}.diff_b": torch.zeros(5)}, strict=True)
+    with pytest.raises(LycorisShapeError, match=r"lora_unet_test\.diff_b.*1-d"):
+        load_file({f"{NAME}.diff_b": torch.zeros(4, 1)}, strict=True)
+    adapter = load_file({f"{NAME}.diff": torch.zeros(48, 60), f"{NAME}.diff_b": torch.zeros(48)},
+                        strict=True)[NAME]
+    with pytest.raises(LycorisShapeError, match=r"lora_unet_test.*\[48, 60\].*\[48, 64\]"):
+        adapter.merge(make_layer("linear").weight.detach())
+    with pytest.raises(LycorisShapeError, match=r"lora_unet_test\.diff_b.*48 entries.*40"):
+        adapter.merge_bias(torch.zeros(40))
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_full_export_round_trip(kind):
+    layer, _, adapter = build_full(kind)
+    out = adapter.export()
+    assert set(out) == {"diff", "diff_b"}
+    reloaded = load_file({f"{NAME}.{k}": v for k, v in out.items()}, strict=True)[NAME]
+    w, b = layer.weight.detach(), layer.bias.detach()
+    assert torch.equal(reloaded.merge(w, 0.3), adapter.merge(w, 0.3))
+    assert torch.equal(reloaded.merge_bias(b, 0.3), adapter.merge_bias(b, 0.3))
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_full_trainable_starts_at_zero_and_gets_gradients(kind):
+    layer = make_layer(kind)
+    adapter = Full.create(LayerSpec.from_module(layer))
+    w, b = layer.weight.detach(), layer.bias.detach()
+    assert torch.equal(adapter.merge(w, 1.0), w) and torch.equal(adapter.merge_bias(b, 1.0), b)
+    x = sample_input(layer)
+    out = adapter.bypass(x, layer.forward, 1.0, layer)
+    out.square().sum().backward()
+    assert adapter.diff_w.grad.abs().sum() > 0 and adapter.diff_b.grad.abs().sum() > 0
+    assert {k: v.shape for k, v in adapter.export().items()} == {"diff": w.shape, "diff_b": b.shape}
+
+
+# ----- norm layers ----------------------------------------------------------------------------
+NORM_KINDS = ("layernorm", "groupnorm")
+
+
+def make_norm(kind):
+    torch.manual_seed(0)
+    layer = nn.LayerNorm(64) if kind == "layernorm" else nn.GroupNorm(4, 32)
+    with torch.no_grad():  # a non-trivial affine part
+        layer.weight.add_(torch.randn_like(layer.weight) * 0.2)
+        layer.bias.add_(torch.randn_like(layer.bias) * 0.2)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 64, generator=g) if kind == "layernorm" else torch.randn(2, 32, 5, 5, generator=g)
+    return layer, x
+
+
+def norm_forward(layer, x, weight, bias):
+    if isinstance(layer, nn.GroupNorm):
+        return F.group_norm(x, layer.num_groups, weight, bias, layer.eps)
+    return F.layer_norm(x, layer.normalized_shape, weight, bias, layer.eps)
+
+
+def merged_norm(adapter, layer, x, m=1.0):
+    w = adapter.merge(layer.weight.detach(), m)
+    b = adapter.merge_bias(layer.bias.detach(), m)
+    return norm_forward(layer, x, w, b)
+
+
+def build_norm(kind):
+    layer, x = make_norm(kind)
+    ref = NormModule(NAME, layer)
+    randomize(ref, scale=0.3)
+    return layer, x, ref, to_adapter(ref)
+
+
+@pytest.mark.parametrize("kind", NORM_KINDS)
+def test_norm_merge_matches_reference_forward(kind):
+    layer, x, ref, adapter = build_norm(kind)
+    assert isinstance(adapter, Norm)
+    expected = reference_forward(ref, x)
+    assert rel_err(merged_norm(adapter, layer, x), expected) < 1e-5
+    with torch.no_grad():
+        assert rel_err(layer(x), expected) > 1e-3
+
+
+@pytest.mark.parametrize("kind", NORM_KINDS)
+def test_norm_strength_is_affine_and_bypass_matches_merge(kind):
+    layer, x, _, adapter = build_norm(kind)
+    w, b = layer.weight.detach(), layer.bias.detach()
+    full_w, full_b = adapter.merge(w, 1.0), adapter.merge_bias(b, 1.0)
+    for m in STRENGTHS:
+        merged_w, merged_b = adapter.merge(w, m), adapter.merge_bias(b, m)
+        if m == 0:
+            assert torch.equal(merged_w, w) and torch.equal(merged_b, b)
+        assert rel_err(merged_w, w + m * (full_w - w)) < 1e-6
+        assert rel_err(merged_b, b + m * (full_b - b)) < 1e-6
+        got = bypass_forward(adapter, layer, x, m)
+        assert rel_err(got, merged_norm(adapter, layer, x, m)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", NORM_KINDS)
+def test_norm_merge_in_half_precision(kind, dtype):
+    layer, _, _, adapter = build_norm(kind)
+    w, b = layer.weight.detach(), layer.bias.detach()
+    for merge, t in ((adapter.merge, w), (adapter.merge_bias, b)):
+        got = merge(t.to(dtype), 0.7)
+        assert got.dtype == dtype
+        assert rel_err(got.float(), merge(t, 0.7)) < DTYPE_TOL[dtype]
+
+
+def test_full_diff_on_a_norm_weight():
+    """ComfyUI's trainer writes `diff`/`diff_b` for norm scales: bypass through a norm layer too."""
+    layer, x = make_norm("groupnorm")
+    g = torch.Generator().manual_seed(6)
+    sd = {f"{NAME}.diff": torch.randn(32, generator=g) * 0.3, f"{NAME}.diff_b": torch.randn(32, generator=g)}
+    adapter = load_file(sd, strict=True)[NAME]
+    assert isinstance(adapter, Full)
+    for m in (1.0, -0.5):
+        assert rel_err(bypass_forward(adapter, layer, x, m), merged_norm(adapter, layer, x, m)) < 1e-5
+
+
+def test_norm_validation_errors_name_the_key():
+    with pytest.raises(LycorisShapeError, match=r"lora_unet_test\.b_norm.*32 does not match 64"):
+        load_file({f"{NAME}.w_norm": torch.zeros(64), f"{NAME}.b_norm": torch.zeros(32)}, strict=True)
+    with pytest.raises(LycorisShapeError, match=r"lora_unet_test\.w_norm.*1-d"):
+        load_file({f"{NAME}.w_norm": torch.zeros(8, 8)}, strict=True)
+    adapter = load_file({f"{NAME}.w_norm": torch.zeros(64)}, strict=True)[NAME]
+    with pytest.raises(LycorisShapeError, match=r"lora_unet_test.*64 channels.*\[32\]"):
+        adapter.merge(torch.ones(32))
+
+
+@pytest.mark.parametrize("kind", NORM_KINDS)
+def test_norm_export_round_trip(kind):
+    layer, x, ref, adapter = build_norm(kind)
+    out = adapter.export()
+    assert set(out) == {"w_norm", "b_norm"}
+    assert all(torch.equal(out[k], v) for k, v in ref.state_dict().items())
+    reloaded = load_file({f"{NAME}.{k}": v for k, v in out.items()}, strict=True)[NAME]
+    assert torch.equal(merged_norm(reloaded, layer, x, 0.4), merged_norm(adapter, layer, x, 0.4))
+
+
+@pytest.mark.parametrize("kind", NORM_KINDS)
+def test_norm_trainable_starts_at_zero_and_gets_gradients(kind):
+    layer, x = make_norm(kind)
+    adapter = Norm.create(LayerSpec.from_module(layer))
+    w, b = layer.weight.detach(), layer.bias.detach()
+    assert torch.equal(adapter.merge(w, 1.0), w) and torch.equal(adapter.merge_bias(b, 1.0), b)
+    out = adapter.bypass(x, layer.forward, 1.0, layer)
+    with torch.no_grad():
+        assert torch.equal(out, layer(x))
+    (out * torch.randn_like(out)).sum().backward()
+    assert adapter.w_norm.grad.abs().sum() > 0 and adapter.b_norm.grad.abs().sum() > 0
+    shapes = {k: v.shape for k, v in NormModule(NAME, layer).state_dict().items()}
+    assert {k: v.shape for k, v in adapter.export().items()} == shapes
