@@ -82,3 +82,19 @@ def test_trainable_starts_at_zero_and_gets_gradients(kind, opts):
     (out.square().sum() + adapter.merge(w, 1.0).sum()).backward()
     grads = [p.grad for p in adapter.parameters() if p.requires_grad]
     assert grads and any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("wd_on_out", [True, False])
+def test_dora_strength_interpolates_the_final_weight_not_the_magnitude(wd_on_out):
+    """Ours: W + m*(W_dora - W) (strength 0 = base). lycoris-lora's merge path only interpolates
+    the magnitude rescale and always applies the full direction change (compatibility.md)."""
+    layer, ref, adapter = build("linear", weight_decompose=True, wd_on_out=wd_on_out)
+    w = layer.weight.detach()
+    full = adapter.merge(w, 1.0)
+    with torch.no_grad():
+        theirs_full = ref.get_merged_weight(multiplier=1.0)[0]
+        theirs_half = ref.get_merged_weight(multiplier=0.5)[0]
+    assert rel_err(full, theirs_full) < 1e-5  # same at strength 1
+    ours_half = adapter.merge(w, 0.5)
+    assert rel_err(ours_half, w + 0.5 * (full - w)) < 1e-6
+    assert rel_err(ours_half, theirs_half) > 1e-2  # and really different in between
