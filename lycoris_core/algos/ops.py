@@ -68,3 +68,12 @@ def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
             break
         m, n, length = new_m, new_n, new_m + new_n
     return (m, n) if m <= n else (n, m)
+
+
+def flat_in_dim(width: int, dora: torch.Tensor | None) -> int:
+    """Input size behind a factor whose rows are a flattened `I·K`: a conv-shaped input-axis
+    dora_scale (`1×I×1…`) names `I`; otherwise the row width itself is the best we know."""
+    conv_in_axis = dora is not None and dora.ndim > 2 and dora.shape[0] == 1 and dora.shape[1] > 0
+    if conv_in_axis and width % dora.shape[1] == 0:
+        return dora.shape[1]
+    return width
