@@ -94,6 +94,15 @@ class LoHa(Adapter):
     def diff(self, weight, rows, p):
         return reshape_to(self._delta(p, rows), tuple(weight.shape), file=self.file, key=self.name)
 
+    def merge_rows(self, w, rows, p, strength, dest):
+        if self.dora_scale is not None:
+            return super().merge_rows(w, rows, p, strength, dest)
+        # one fused multiply-add into the destination instead of a temporary dW block
+        first = p["A1"][rows] @ p["B1"]
+        second = p["A2"][rows] @ p["B2"]
+        w2, d2 = w.reshape(w.shape[0], -1), dest.reshape(dest.shape[0], -1)
+        torch.addcmul(w2, first, second, value=strength, out=d2)
+
     def delta_forward(self, x, layer: LayerSpec, p):
         # no cheaper exact path exists for a Hadamard product: build dW once, in x's dtype
         d = reshape_to(self._delta(p, None), layer.weight_shape, file=self.file, key=self.name)
