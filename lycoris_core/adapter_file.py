@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from collections.abc import Iterator, Mapping
 
 import torch
 
 from .algos import Adapter, detect
 from .algos.registry import SHARED_SUFFIXES
-from .errors import LycorisError, Problem, warn
+from .errors import LycorisError, LycorisShapeError, Problem, plural, warn
 from .io import FP8_NAMES, DictSource, TensorSource
 from .keys import IGNORED_SUFFIXES, group_keys
 
@@ -18,13 +20,17 @@ class AdapterFile(Mapping[str, Adapter]):
     """Every module of one file, detected per module; `problems` lists what was skipped and why."""
 
     def __init__(self, path: str, adapters: dict[str, Adapter], metadata: dict[str, str],
-                 problems: list[Problem], nbytes: int, dtypes: dict[str, str]):
+                 problems: list[Problem], nbytes: int, dtypes: dict[str, str], *,
+                 module_keys: dict[str, dict[str, str]] | None = None,
+                 key_bytes: dict[str, int] | None = None):
         self.path = path
         self.adapters = adapters
         self.metadata = metadata
         self.problems = problems
         self.nbytes = nbytes
         self.dtypes = dtypes  # file key -> safetensors dtype name
+        self.module_keys = module_keys or {}  # module -> {canonical suffix: file key}
+        self.key_bytes = key_bytes or {}  # file key -> stored bytes
 
     def __getitem__(self, name: str) -> Adapter:
         return self.adapters[name]
@@ -36,19 +42,48 @@ class AdapterFile(Mapping[str, Adapter]):
         return len(self.adapters)
 
     def __repr__(self) -> str:
-        return f"AdapterFile({os.path.basename(self.path)!r}, {len(self)} modules, {len(self.problems)} problems)"
+        return (f"AdapterFile({os.path.basename(self.path)!r}, {len(self)} modules, "
+                f"{len(self.problems)} problems)")
 
 
-def _peft_alpha(metadata: Mapping[str, str]) -> float | None:
-    """Default alpha from a diffusers `lora_adapter_metadata` peft config, if any."""
-    raw = metadata.get("lora_adapter_metadata")
-    if not raw:
-        return None
-    try:
-        cfg = json.loads(raw)
-        return float(cfg["lora_alpha"]) if "lora_alpha" in cfg else None
-    except (ValueError, TypeError, KeyError):
-        return None
+class PeftConfig:
+    """The alpha part of a diffusers `lora_adapter_metadata` peft config (files have no alpha keys)."""
+
+    def __init__(self, alpha: float, patterns: dict[str, float], rslora: bool):
+        self.alpha, self.patterns, self.rslora = alpha, patterns, rslora
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str]) -> "PeftConfig | None":
+        """Parse `lora_adapter_metadata`; None when absent or without `lora_alpha`."""
+        raw = metadata.get("lora_adapter_metadata")
+        if not raw:
+            return None
+        try:
+            cfg = json.loads(raw)
+            alpha = float(cfg["lora_alpha"])
+            patterns = {str(k): float(v) for k, v in (cfg.get("alpha_pattern") or {}).items()}
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None
+        return cls(alpha, patterns, bool(cfg.get("use_rslora")))
+
+    def alpha_for(self, name: str, rank: int | None) -> float:
+        """The alpha to store so that alpha/rank is peft's scale for module `name`."""
+        alpha = self.alpha
+        for pattern, value in self.patterns.items():
+            try:
+                if re.fullmatch(rf"(?:.*\.)?{pattern}", name):
+                    alpha = value
+                    break
+            except re.error:
+                continue
+        if self.rslora and rank:
+            return alpha * math.sqrt(rank)  # peft scales by alpha/sqrt(r)
+        return alpha
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """fp8 tensors become fp32 (no kernel works on fp8 on every device); others are kept."""
+    return t.float() if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t
 
 
 def load_file(source: str | os.PathLike | Mapping[str, torch.Tensor], *, strict: bool = False,
@@ -56,8 +91,14 @@ def load_file(source: str | os.PathLike | Mapping[str, torch.Tensor], *, strict:
     """Read an adapter file (or an in-memory state dict) into per-module adapters.
 
     Format errors (unreadable file, bad header) always raise LycorisFormatError. A module that
-    cannot be built (bad shapes, NaN, unknown keys) raises in `strict` mode; otherwise it is skipped
-    with a LycorisWarning and listed in `problems`.
+    cannot be built (bad shapes, NaN/Inf, keys of no algorithm) raises in `strict` mode; otherwise
+    it is skipped with a LycorisWarning and listed in `problems`. Keys that are understood but not
+    used (unknown suffixes, sparse bias, bundled embeddings) only warn, in both modes.
+
+    Alpha: a missing alpha and alpha 0 both mean alpha = rank (scale 1), as the training libraries
+    define it (one aggregated warning each; ComfyUI core gives alpha 0 no effect instead); peft files
+    without alpha keys take it from the `lora_adapter_metadata` config. fp8 tensors are upcast to
+    fp32 on load (one warning).
     """
     if isinstance(source, (str, os.PathLike)):
         src = TensorSource(os.fspath(source))
@@ -70,24 +111,33 @@ def load_file(source: str | os.PathLike | Mapping[str, torch.Tensor], *, strict:
     def report(reason: str, key: str | None, level: str = "warning") -> None:
         if level == "error" and strict:
             raise LycorisError(reason, file=path, key=key)
-        problems.append(warn(reason, file=path, key=key) if level == "warning"
-                        else Problem("error", path, key, reason))
-        if level == "error":
-            warn(reason + " (module skipped)", file=path, key=key)
+        keep(Problem(level, path, key, reason))
+
+    def keep(problem: Problem) -> None:
+        """Keep a problem; an error means its module is left out, which the message says."""
+        if problem.level == "error":
+            problem = Problem("error", problem.file, problem.key, problem.reason + " (module skipped)")
+        warn(problem.reason, file=problem.file, key=problem.key)
+        problems.append(problem)
 
     fp8 = sorted(k for k, d in dtypes.items() if d in FP8_NAMES)
     if fp8:
-        report(f"{len(fp8)} tensors are stored in fp8 ({dtypes[fp8[0]]}); they are upcast to fp32, "
-               "but their precision is already reduced", fp8[0])
+        report(f"{plural(len(fp8), 'tensor')} stored in fp8 ({dtypes[fp8[0]]}); they are upcast to "
+               "fp32, but their precision is already reduced", fp8[0])
     modules, unknown = group_keys(src.keys())
+    for name in [n for n, keys in modules.items() if set(keys) == {"weight"}]:
+        # a lone `<x>.weight` is (IA)^3's suffix only next to `on_input`; alone it is just unknown
+        unknown.append(modules.pop(name)["weight"])
+    module_keys = {name: dict(keys) for name, keys in modules.items()}
     for key in unknown:
         if key.startswith("bundle_emb."):
             report("bundled textual-inversion embedding: not a weight patch, ignored", key)
         else:
             report("unknown key suffix: no algorithm uses this key", key)
-    default_alpha = _peft_alpha(src.metadata)
+    peft = PeftConfig.from_metadata(src.metadata)
     adapters: dict[str, Adapter] = {}
     missing_alpha: list[str] = []
+    zero_alpha: list[str] = []
     for name, suffix_keys in modules.items():
         for suffix in [s for s in suffix_keys if s in IGNORED_SUFFIXES]:
             report(IGNORED_SUFFIXES[suffix], suffix_keys.pop(suffix))
@@ -98,29 +148,40 @@ def load_file(source: str | os.PathLike | Mapping[str, torch.Tensor], *, strict:
                       else tuple(src[k].shape) for s, k in suffix_keys.items()}
             cls = detect(shapes, name=name, file=path)
             if cls is None:
-                report("no algorithm matches keys " + ", ".join(sorted(suffix_keys)), name, "error")
+                where = next(iter(suffix_keys.values())) if len(suffix_keys) == 1 else name
+                report("no algorithm matches keys " + ", ".join(sorted(suffix_keys)), where, "error")
                 continue
             leftovers = set(suffix_keys) - set(cls.keys) - SHARED_SUFFIXES
             for suffix in sorted(leftovers):
                 report(f"unknown key suffix for {cls.algo}: ignored", suffix_keys.pop(suffix))
-            tensors = {s: src[k] for s, k in suffix_keys.items()}
-            if cls.uses_alpha and "alpha" not in tensors and default_alpha is not None:
-                tensors["alpha"] = torch.tensor(default_alpha)
-            adapter = cls.load(tensors, name=name, file=path)
+            tensors = {s: _upcast(src[k]) for s, k in suffix_keys.items()}
+            try:
+                adapter = cls.load(tensors, name=name, file=path)
+            except (IndexError, RuntimeError, TypeError) as exc:
+                # tensors of the right names but impossible shapes/ndims for this algorithm
+                raise LycorisShapeError(f"cannot build {cls.algo} module from shapes "
+                                        f"{ {s: list(v) for s, v in shapes.items()} }: {exc}",
+                                        file=path, key=name) from exc
         except LycorisError as exc:
             if strict:
                 raise
-            problems.append(Problem("error", exc.file, exc.key, exc.reason))
-            warn(exc.reason + " (module skipped)", file=exc.file, key=exc.key)
+            keep(Problem("error", exc.file or path, exc.key or name, exc.reason))
             continue
         if cls.uses_alpha and adapter.alpha_matters():
-            if "alpha" not in tensors:
+            if "alpha" not in tensors and peft is not None:
+                adapter.alpha = peft.alpha_for(name, adapter.rank)
+            elif "alpha" not in tensors:
                 missing_alpha.append(name)
             elif adapter.alpha == 0:
-                report("alpha is 0: read as alpha = rank (scale 1), as kohya and LyCORIS training "
-                       "do; ComfyUI core would ignore this module", f"{name}.alpha")
+                zero_alpha.append(name)
         adapters[name] = adapter
     if missing_alpha:
-        report(f"{len(missing_alpha)} modules have no alpha: using alpha = rank (scale 1)",
+        report(f"{plural(len(missing_alpha), 'module')} without alpha: using alpha = rank (scale 1)",
                missing_alpha[0])
-    return AdapterFile(path, adapters, dict(src.metadata), problems, src.nbytes(), dtypes)
+    if zero_alpha:
+        report(f"{plural(len(zero_alpha), 'module')} with alpha 0: read as alpha = rank (scale 1), "
+               "as kohya and LyCORIS training do; ComfyUI core would give them no effect",
+               f"{zero_alpha[0]}.alpha")
+    key_bytes = {k: src.key_nbytes(k) for k in src}
+    return AdapterFile(path, adapters, dict(src.metadata), problems, src.nbytes(), dtypes,
+                       module_keys=module_keys, key_bytes=key_bytes)

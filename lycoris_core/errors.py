@@ -42,8 +42,13 @@ class Problem:
     key: str | None
     reason: str
 
+    @property
+    def message(self) -> str:
+        """`file: key: reason`, the text of the matching warning or error."""
+        return _where(self.file, self.key) + self.reason
+
     def __str__(self) -> str:
-        return f"{self.level}: {_where(self.file, self.key)}{self.reason}"
+        return f"{self.level}: {self.message}"
 
 
 def warn(reason: str, *, file: str | None = None, key: str | None = None) -> Problem:
@@ -51,3 +56,8 @@ def warn(reason: str, *, file: str | None = None, key: str | None = None) -> Pro
     problem = Problem("warning", file, key, reason)
     warnings.warn(LycorisWarning(_where(file, key) + reason), stacklevel=2)
     return problem
+
+
+def plural(n: int, word: str) -> str:
+    """`1 module`, `3 modules`: counts in messages."""
+    return f"{n} {word}{'' if n == 1 else 's'}"

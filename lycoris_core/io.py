@@ -1,16 +1,16 @@
-"""Safetensors reading with strict header validation, lazy tensor access, and atomic saving."""
+"""Safetensors: strict header validation, lazy tensor access, atomic and reproducible writing."""
 from __future__ import annotations
 
 import json
 import math
 import os
+import secrets
 import struct
-import tempfile
+import sys
 from collections.abc import Iterator, Mapping
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file as _st_save_file
+from safetensors import SafetensorError, safe_open
 
 from .errors import LycorisFormatError
 
@@ -23,6 +23,7 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "I16": (torch.int16, 2), "I8": (torch.int8, 1), "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
     "F8_E4M3": (torch.float8_e4m3fn, 1), "F8_E5M2": (torch.float8_e5m2, 1),
 }
+DTYPE_NAMES: dict[torch.dtype, str] = {d: name for name, (d, _) in DTYPES.items()}
 FP8_NAMES = {"F8_E4M3", "F8_E5M2"}
 
 
@@ -58,11 +59,26 @@ def read_header(path: str) -> tuple[dict[str, dict], dict[str, str]]:
         _check_entry(path, key, info, data_len)
         spans.append((info["data_offsets"][0], info["data_offsets"][1], key))
     spans.sort()
-    for (b0, e0, k0), (b1, _e1, k1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise LycorisFormatError(f"data of {k1!r} overlaps {k0!r} (header lies about offsets)",
-                                     file=path, key=k1)
+    end, prev = 0, None
+    for begin, stop, key in spans:
+        if begin < end:
+            raise LycorisFormatError(f"data of {key!r} overlaps {prev!r} (header lies about offsets)",
+                                     file=path, key=key)
+        if begin > end:
+            raise LycorisFormatError(
+                f"data of {key!r} starts at byte {begin}, expected {end}: gap after "
+                f"{prev or 'the header'} (header lies about offsets)", file=path, key=key)
+        end, prev = stop, key
+    if end != data_len:
+        raise LycorisFormatError(
+            f"tensors cover {end} bytes of data but the file holds {data_len}: trailing bytes "
+            "(header lies about offsets, or two files were concatenated)", file=path,
+            key=prev)
     return header, metadata
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _check_entry(path: str, key: str, info: object, data_len: int) -> None:
@@ -72,10 +88,10 @@ def _check_entry(path: str, key: str, info: object, data_len: int) -> None:
     if dtype not in DTYPES:
         raise LycorisFormatError(f"unknown dtype {dtype!r} (supported: {', '.join(DTYPES)})",
                                  file=path, key=key)
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+    if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
         raise LycorisFormatError(f"invalid shape {shape!r}", file=path, key=key)
     if not (isinstance(offsets, list) and len(offsets) == 2
-            and all(isinstance(o, int) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+            and all(_is_int(o) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
         raise LycorisFormatError(f"invalid data_offsets {offsets!r}", file=path, key=key)
     if offsets[1] > data_len:
         raise LycorisFormatError(
@@ -94,12 +110,19 @@ class TensorSource(Mapping[str, torch.Tensor]):
     def __init__(self, path: str):
         self.path = os.fspath(path)
         self.header, self.metadata = read_header(self.path)
-        self._handle = safe_open(self.path, framework="pt", device="cpu")
+        try:
+            self._handle = safe_open(self.path, framework="pt", device="cpu")
+        except (SafetensorError, OSError) as exc:
+            raise LycorisFormatError(f"safetensors refused the file: {exc}", file=self.path) from exc
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self.header:
             raise KeyError(key)
-        return self._handle.get_tensor(key)
+        try:
+            return self._handle.get_tensor(key)
+        except (SafetensorError, OSError) as exc:
+            raise LycorisFormatError(f"cannot read tensor data: {exc}", file=self.path,
+                                     key=key) from exc
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.header)
@@ -108,10 +131,17 @@ class TensorSource(Mapping[str, torch.Tensor]):
         return len(self.header)
 
     def dtype_name(self, key: str) -> str:
+        """The safetensors dtype name stored for `key`."""
         return self.header[key]["dtype"]
 
+    def key_nbytes(self, key: str) -> int:
+        """Bytes stored for one tensor."""
+        begin, end = self.header[key]["data_offsets"]
+        return end - begin
+
     def nbytes(self) -> int:
-        return sum(i["data_offsets"][1] - i["data_offsets"][0] for i in self.header.values())
+        """Bytes of tensor data in the file."""
+        return sum(self.key_nbytes(k) for k in self.header)
 
 
 class DictSource(Mapping[str, torch.Tensor]):
@@ -133,26 +163,94 @@ class DictSource(Mapping[str, torch.Tensor]):
         return len(self._tensors)
 
     def dtype_name(self, key: str) -> str:
+        """The safetensors dtype name `key` would be stored as."""
+        dtype = self._tensors[key].dtype
+        return DTYPE_NAMES.get(dtype, str(dtype))
+
+    def key_nbytes(self, key: str) -> int:
+        """Bytes one tensor would take in a file."""
         t = self._tensors[key]
-        return next((n for n, (d, _) in DTYPES.items() if d == t.dtype), str(t.dtype))
+        return t.numel() * t.element_size()
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._tensors.values())
+        """Bytes of all tensors."""
+        return sum(self.key_nbytes(k) for k in self._tensors)
 
 
-def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str,
-                      metadata: Mapping[str, str] | None = None, *, overwrite: bool = False) -> str:
-    """Write atomically: a temporary file in the same folder, then rename over the target."""
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path}: exists; pass overwrite=True to replace it")
+def _cpu_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors of a dtype safetensors knows, checked before any write."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{key}: expected a torch.Tensor, found {type(value).__name__}")
+        if value.dtype not in DTYPE_NAMES:
+            raise TypeError(f"{key}: dtype {value.dtype} cannot be stored in safetensors "
+                            f"(supported: {', '.join(map(str, DTYPE_NAMES))})")
+        out[str(key)] = value.detach().to("cpu").contiguous()
+    return out
+
+
+def encode_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """The 8-byte length and JSON header for `tensors` stored in `layout_order(tensors)` order."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    offset = 0
+    for key in layout_order(tensors):
+        t = tensors[key]
+        size = t.numel() * t.element_size()
+        header[key] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def layout_order(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Widest element first, then by name: every tensor starts aligned to its element size."""
+    return sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+
+
+def _temp_beside(path: str) -> str:
+    """Create an empty temporary file next to `path` with the permissions a new file gets (umask)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=".lycoris-", suffix=".tmp", dir=folder)
-    os.close(fd)
+    while True:
+        tmp = os.path.join(folder, f".lycoris-{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                      metadata: Mapping[str, str] | None = None, *, overwrite: bool = False) -> str:
+    """Write a safetensors file atomically (temporary file beside it, fsync, rename).
+
+    The bytes depend only on the tensors and metadata (sorted header), so equal inputs give equal
+    files; tensors sharing storage are fine.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: is a folder, expected a .safetensors file path")
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path}: file exists; pass overwrite=True to replace it")
+    if sys.byteorder != "little":
+        raise OSError("safetensors is little-endian; writing from a big-endian machine is not supported")
+    clean = _cpu_tensors(tensors)
+    head = encode_header(clean, metadata or {})
+    tmp = _temp_beside(path)
     try:
-        _st_save_file(clean, tmp, metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+        with open(tmp, "wb") as f:
+            f.write(head)
+            for key in layout_order(clean):
+                t = clean[key]
+                if t.numel():
+                    f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -28,30 +28,35 @@ IGNORED_SUFFIXES: dict[str, str] = {
 }
 
 
+def _suffix_table(suffixes: Iterable[str] | None) -> list[tuple[str, str]]:
+    """(key ending, canonical suffix), longest ending first so the most specific one wins
+    (`…to_q_lora.up.weight` is the glued LoRA spelling, not IA3's bare `weight`)."""
+    table = {"." + s: s for s in (suffixes or known_suffixes())}
+    table.update({"." + s: c for s, c in ALIASES.items()})
+    table.update({"." + s: s for s in IGNORED_SUFFIXES})
+    table.update(GLUED_ALIASES)
+    return sorted(table.items(), key=lambda item: -len(item[0]))
+
+
+def _split(key: str, table: list[tuple[str, str]]) -> tuple[str, str | None]:
+    for ending, canonical in table:
+        if key.endswith(ending) and len(key) > len(ending):
+            return key[: -len(ending)], canonical
+    return (key.split(".", 1)[0] if "." in key else key), None
+
+
 def split_key(key: str, suffixes: Iterable[str] | None = None) -> tuple[str, str | None]:
     """(module, canonical suffix), or (best-guess module, None) when no suffix is known."""
-    table = {s: s for s in (suffixes or known_suffixes())}
-    table.update(ALIASES)
-    table.update({s: s for s in IGNORED_SUFFIXES})
-    best = None
-    for suffix, canonical in table.items():
-        if key.endswith("." + suffix) and (best is None or len(suffix) > len(best[0])):
-            best = (suffix, canonical)
-    if best is not None:
-        return key[: -len(best[0]) - 1], best[1]
-    for glued, canonical in GLUED_ALIASES.items():
-        if key.endswith(glued):
-            return key[: -len(glued)], canonical
-    return (key.split(".", 1)[0] if "." in key else key), None
+    return _split(key, _suffix_table(suffixes))
 
 
 def group_keys(keys: Iterable[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
     """({module: {canonical suffix: file key}}, [keys with no known suffix])."""
-    suffixes = known_suffixes()
+    table = _suffix_table(None)
     modules: dict[str, dict[str, str]] = {}
     unknown: list[str] = []
     for key in keys:
-        module, suffix = split_key(key, suffixes)
+        module, suffix = _split(key, table)
         if suffix is None:
             unknown.append(key)
         else:

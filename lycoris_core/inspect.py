@@ -1,0 +1,370 @@
+"""Report what an adapter file holds: algorithms, ranks, alphas, dtypes, model parts, metadata, problems.
+
+The model-part classifier here is deliberately small (prefixes and block words of the kohya/LyCORIS,
+diffusers and peft naming families); per-architecture block maps live elsewhere.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+import torch
+
+from .adapter_file import AdapterFile, load_file
+from .algos import Adapter
+from .errors import LycorisError, LycorisWarning, Problem, plural
+
+EXAMPLE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples",
+                            "example_sd15_mixed.safetensors")
+
+ALGO_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "ia3": "(IA)^3", "glora": "GLoRA",
+              "diag-oft": "Diag-OFT", "diag-oft-legacy": "Diag-OFT (legacy oft_diag)",
+              "boft": "BOFT", "full": "Full", "norm": "Norm"}
+TUCKER_SUFFIXES = ("lora_mid.weight", "hada_t1", "hada_t2", "lokr_t2")
+# what `ss_network_args["algo"]` may say for each of our algorithm names
+ALGO_ALIASES = {"locon": "lora", "lora": "lora", "dylora": "lora", "oft": "diag-oft",
+                "diag-oft": "diag-oft", "lokr": "lokr", "loha": "loha", "ia3": "ia3",
+                "glora": "glora", "boft": "boft", "full": "full"}
+
+# text encoders: name prefix -> part (checked in order, longest first where they overlap)
+TEXT_ENCODERS: tuple[tuple[str, str], ...] = (
+    ("lora_te1_", "text encoder 1"), ("lora_te2_", "text encoder 2"), ("lora_te3_", "text encoder 3"),
+    ("lora_te_", "text encoder"), ("lora_prior_te_", "text encoder"),
+    ("text_encoder_2.", "text encoder 2"), ("text_encoder_3.", "text encoder 3"),
+    ("text_encoder.", "text encoder"), ("text_encoders.", "text encoder"),
+    ("clip_l.", "text encoder (CLIP-L)"), ("clip_g.", "text encoder (CLIP-G)"),
+    ("t5xxl.", "text encoder (T5)"),
+)
+# prefixes in front of the diffusion model's own module path
+MODEL_PREFIXES = ("lora_unet_", "lora_prior_unet_", "lora_transformer_", "lycoris_", "oft_unet_",
+                  "base_model.model.", "model.diffusion_model.", "diffusion_model.", "unet.",
+                  "transformer.")
+# (pattern on the flattened path, part); group 1, when present, is the block index
+BLOCKS: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p), part) for p, part in (
+    (r"(?:^|_)(?:down_blocks|input_blocks)_(\d+)", "UNet down"),
+    (r"(?:^|_)(?:mid_block|middle_block)()", "UNet mid"),
+    (r"(?:^|_)(?:up_blocks|output_blocks)_(\d+)", "UNet up"),
+    (r"^(?:double_blocks)_(\d+)", "DiT double"),
+    (r"^(?:single_blocks|single_transformer_blocks)_(\d+)", "DiT single"),
+    (r"^joint_blocks_(\d+)", "DiT joint"),
+    (r"^(?:transformer_blocks|blocks|layers)_(\d+)", "DiT blocks"),
+    (r"^(?:conv_in|conv_out|conv_norm_out|time_embed|time_embedding|label_emb|add_embedding|out_\d)"
+     r"()", "UNet in/out"),
+    (r"^(?:img_in|txt_in|time_in|vector_in|guidance_in|final_layer|x_embedder|context_embedder|"
+     r"norm_out|proj_out|time_text_embed|pos_embed)()", "DiT in/out"),
+))
+
+
+def classify(name: str) -> tuple[str, int | None]:
+    """(model part, block index or None) of a module name; part "unknown" when not recognised."""
+    for prefix, part in TEXT_ENCODERS:
+        if name.startswith(prefix):
+            layer = re.search(r"(?:layers|block)[._](\d+)", name)  # CLIP layers_N, T5 block_N
+            return part, int(layer.group(1)) if layer else None
+    path = name
+    for prefix in MODEL_PREFIXES:
+        if name.startswith(prefix):
+            path = name[len(prefix):]
+            break
+    flat = path.replace(".", "_")
+    for pattern, part in BLOCKS:
+        m = pattern.search(flat)
+        if m:
+            return part, int(m.group(1)) if m.group(1) else None
+    return ("diffusion model (other)" if path != name else "unknown"), None
+
+
+def _in_dim(adapter: Adapter) -> int | None:
+    shape = adapter.target_shape
+    return shape[1] if shape is not None and len(shape) >= 2 else None
+
+
+def guess_base_model(adapters: Mapping[str, Adapter]) -> str | None:
+    """kohya `ss_base_model_version` guessed from module names (and cross-attention widths)."""
+    names = [n.replace(".", "_") for n in adapters]
+    if any("double_blocks_" in n or "single_blocks_" in n or "single_transformer_blocks_" in n
+           for n in names):
+        return "flux1"
+    if any("joint_blocks_" in n for n in names):
+        return "sd3"
+    if any(n.startswith(("lora_te1_", "lora_te2_")) or re.search(r"(input|output)_blocks_\d|middle_block", n)
+           for n in names):
+        return "sdxl_base_v1-0"
+    widths = {768: "sd_v1", 1024: "sd_v2", 2048: "sdxl_base_v1-0"}
+    for name, adapter in adapters.items():
+        flat = name.replace(".", "_")
+        if ("attn2_to_k" in flat or "attn2_to_v" in flat or
+                (flat.startswith("lora_te_") and "q_proj" in flat)):
+            width = _in_dim(adapter) if isinstance(adapter, Adapter) else None
+            if width in widths:
+                return widths[width]
+    return None
+
+
+def uses_tucker(adapter: Adapter) -> bool:
+    """Whether the module carries a Tucker core (`lora_mid`, `hada_t1/t2`, `lokr_t2`)."""
+    return any(getattr(adapter, adapter.keys[s], None) is not None
+               for s in TUCKER_SUFFIXES if s in adapter.keys)
+
+
+def _label(adapter: Adapter) -> str:
+    """Display name of a module's algorithm: LoRA on a conv is LoCon; DoRA is a suffix."""
+    label = ALGO_NAMES.get(adapter.algo, adapter.algo)
+    shape = adapter.target_shape
+    if adapter.algo == "lora" and shape is not None and len(shape) > 2:
+        label = "LoCon"
+    if uses_tucker(adapter):
+        label += " (Tucker)"
+    if adapter.dora_scale is not None:
+        label += f" + DoRA ({adapter.dora_axis} axis)"
+    return label
+
+
+def _number(x: float | None) -> str:
+    return "none (= rank)" if x is None else f"{x:g}"
+
+
+def _no_effect(adapter: Adapter) -> bool:
+    """A module whose update is exactly zero: an all-zero factor of a product, or all zeros."""
+    if adapter.dora_scale is not None:
+        return False
+    factors = [t for attr in adapter.keys.values()
+               if isinstance(t := getattr(adapter, attr, None), torch.Tensor) and t.is_floating_point()]
+    if not factors:
+        return False
+    zero = [not bool(t.detach().any()) for t in factors]
+    return any(zero) if adapter.algo in ("lora", "loha", "lokr") else all(zero)
+
+
+def trigger_words(metadata: Mapping[str, str], limit: int = 10) -> list[str]:
+    """The most frequent tags of kohya's `ss_tag_frequency` over all dataset folders."""
+    raw = metadata.get("ss_tag_frequency")
+    if not raw:
+        return []
+    data = json.loads(raw)
+    counts: Counter = Counter()
+    for tags in data.values():
+        for tag, n in tags.items():
+            if tag.strip():
+                counts[tag.strip()] += int(n)
+    return [tag for tag, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]]
+
+
+def _family(base: str | None) -> str | None:
+    if not base:
+        return None
+    for family in ("sdxl", "sd_v1", "sd_v2", "sd3", "flux"):
+        if base.lower().startswith(family):
+            return family
+    return base
+
+
+def _own_problems(af: AdapterFile, guess: str | None) -> list[Problem]:
+    """What inspect notices beyond the loader: no modules, unknown parts, zero modules, metadata."""
+    out: list[Problem] = []
+    path, meta = af.path, af.metadata
+
+    def note(reason: str, key: str | None = None, level: str = "warning") -> None:
+        out.append(Problem(level, path, key, reason))
+
+    if not af.adapters:
+        note("no usable adapter module in this file", level="error")
+    unknown = [n for n in af.adapters if classify(n)[0] == "unknown"]
+    if unknown:
+        note(f"{plural(len(unknown), 'module')} named after no known model part (kohya "
+             "lora_unet_/lora_te*_, lycoris_, diffusers or peft paths)", unknown[0])
+    zero = [n for n, a in af.adapters.items() if _no_effect(a)]
+    if zero:
+        note(f"{plural(len(zero), 'module')} with an all-zero update (untrained or zeroed): no effect",
+             zero[0])
+    try:
+        args = json.loads(meta.get("ss_network_args") or "{}")
+    except json.JSONDecodeError as exc:
+        note(f"ss_network_args is not valid JSON ({exc})", "ss_network_args")
+        args = {}
+    said = str(args.get("algo", "")).lower() if isinstance(args, dict) else ""
+    found = {a.algo.replace("-legacy", "") for a in af.adapters.values()}
+    if said and found and ALGO_ALIASES.get(said, said) not in found:
+        note(f"metadata says algo {said!r} but the tensors are {', '.join(sorted(found))}",
+             "ss_network_args")
+    dim = meta.get("ss_network_dim")
+    ranks = {a.rank for a in af.adapters.values() if a.rank is not None}
+    if dim and ranks and dim.isdigit() and int(dim) not in ranks:
+        note(f"metadata ss_network_dim is {dim} but no module has that rank "
+             f"(ranks: {', '.join(map(str, sorted(ranks)))})", "ss_network_dim")
+    said_base = meta.get("ss_base_model_version")
+    if said_base and guess and _family(said_base) != _family(guess):
+        note(f"metadata says base model {said_base!r} but module names/shapes look like {guess!r}",
+             "ss_base_model_version")
+    if meta.get("ss_tag_frequency"):
+        try:
+            trigger_words(meta)
+        except (ValueError, TypeError, AttributeError) as exc:
+            note(f"ss_tag_frequency is not the expected JSON {{folder: {{tag: count}}}} ({exc})",
+                 "ss_tag_frequency")
+    return out
+
+
+def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON-ready report of one adapter file; raises LycorisFormatError when it is unreadable."""
+    path = os.fspath(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        af = load_file(path)
+    problems = list(af.problems)
+    known = {p.message for p in problems}
+    for w in caught:  # warnings raised inside algorithm code that the loader did not keep
+        msg = str(w.message)
+        if issubclass(w.category, LycorisWarning) and msg not in known:
+            known.add(msg)
+            problems.append(Problem("warning", None, None, msg))
+    groups: dict[str, list[str]] = {}
+    for name, adapter in af.adapters.items():
+        groups.setdefault(_label(adapter), []).append(name)
+    guess = guess_base_model(af.adapters)
+    problems += _own_problems(af, guess)
+
+    def part_summary(names: list[str]) -> dict[str, dict[str, Any]]:
+        parts: dict[str, dict[str, Any]] = {}
+        for name in names:
+            part, index = classify(name)
+            entry = parts.setdefault(part, {"modules": 0, "blocks": set()})
+            entry["modules"] += 1
+            if index is not None:
+                entry["blocks"].add(index)
+        return {p: {"modules": e["modules"], "blocks": sorted(e["blocks"])}
+                for p, e in sorted(parts.items())}
+
+    algorithms = []
+    for label, names in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        adapters = [af.adapters[n] for n in names]
+        keys = [k for n in names for k in af.module_keys.get(n, {}).values()]
+        algorithms.append({
+            "algorithm": label,
+            "algo": adapters[0].algo,
+            "modules": len(names),
+            "ranks": _counts(a.rank for a in adapters),
+            "alphas": _counts(_number(a.alpha) if a.uses_alpha else "n/a" for a in adapters),
+            "dtypes": _counts(af.dtypes[k] for k in keys),
+            "bytes": sum(af.key_bytes.get(k, 0) for k in keys),
+            "parts": part_summary(names),
+        })
+    meta = af.metadata
+    try:
+        triggers = trigger_words(meta)
+    except (ValueError, TypeError, AttributeError):
+        triggers = []
+    return {
+        "file": path,
+        "file_bytes": os.path.getsize(path),
+        "tensor_bytes": af.nbytes,
+        "tensors": len(af.dtypes),
+        "modules": len(af.adapters),
+        "algorithms": algorithms,
+        "parts": part_summary(list(af.adapters)),
+        "base_model": {"metadata": meta.get("ss_base_model_version"), "guess": guess},
+        "training_metadata": {k: v for k, v in sorted(meta.items())
+                              if k.startswith(("ss_", "sshs_", "modelspec."))},
+        "other_metadata": {k: v for k, v in sorted(meta.items())
+                           if not k.startswith(("ss_", "sshs_", "modelspec."))},
+        "trigger_words": triggers,
+        "problems": [{"level": p.level, "key": p.key, "reason": p.reason} for p in problems],
+    }
+
+
+def _counts(values) -> dict[str, int]:
+    counts = Counter("n/a" if v is None else str(v) for v in values)
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def human_bytes(n: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _counted(counts: Mapping[str, int]) -> str:
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{v} (x{n})" for v, n in counts.items())
+
+
+def _where_in(part: str, blocks: list[int]) -> str:
+    if not blocks:
+        return ""
+    label = "layer" if part.startswith("text") else "block"
+    return f" ({label}{'' if len(blocks) == 1 else 's'} {', '.join(map(str, blocks))})"
+
+
+def _parts_line(parts: Mapping[str, Mapping[str, Any]]) -> str:
+    return "; ".join(f"{part} x{e['modules']}{_where_in(part, e['blocks'])}"
+                     for part, e in parts.items())
+
+
+def _short(value: str, width: int = 100) -> str:
+    value = " ".join(value.split())
+    return value if len(value) <= width else value[: width - 1] + "…"
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """The report as aligned plain text for a terminal."""
+    lines = [f"File: {report['file']}",
+             f"Size: {human_bytes(report['file_bytes'])} on disk, {human_bytes(report['tensor_bytes'])} "
+             f"of tensors; {plural(report['modules'], 'module')}, {plural(report['tensors'], 'tensor')}"]
+    base = report["base_model"]
+    lines.append(f"Base model: {base['metadata'] or 'not in metadata'}"
+                 f" (from names: {base['guess'] or 'unknown'})")
+    lines += ["", "Algorithms:"]
+    for algo in report["algorithms"]:
+        lines.append(f"  {algo['algorithm']}: {plural(algo['modules'], 'module')}, "
+                     f"{human_bytes(algo['bytes'])}")
+        lines.append(f"    rank {_counted(algo['ranks'])}; alpha {_counted(algo['alphas'])}; "
+                     f"dtype {_counted(algo['dtypes'])}")
+        lines.append(f"    touches: {_parts_line(algo['parts'])}")
+    if not report["algorithms"]:
+        lines.append("  (none)")
+    lines += ["", "Model parts touched:"]
+    for part, entry in report["parts"].items():
+        lines.append(f"  {part}: {plural(entry['modules'], 'module')}{_where_in(part, entry['blocks'])}")
+    meta = report["training_metadata"]
+    lines += ["", "Training metadata:" if meta else "Training metadata: none"]
+    width = max((len(k) for k in meta), default=0)
+    for key, value in meta.items():
+        lines.append(f"  {key.ljust(width)}  {_short(value)}")
+    if report["other_metadata"]:
+        lines.append("Other metadata: " + ", ".join(report["other_metadata"]))
+    triggers = report["trigger_words"]
+    lines += ["", f"Trigger words (most frequent tags): {', '.join(triggers) if triggers else 'none'}"]
+    problems = report["problems"]
+    lines += ["", f"Problems: {len(problems) or 'none'}"]
+    for p in problems:
+        lines.append(f"  {p['level']}: {(p['key'] + ': ') if p['key'] else ''}{p['reason']}")
+    return "\n".join(lines)
+
+
+def run(path: str | None, *, as_json: bool, out: TextIO, err: TextIO) -> int:
+    """The `inspect` command: print a report; 0 on success, 1 when the file cannot be read."""
+    path = path or EXAMPLE_FILE
+    try:
+        report = inspect_file(path)
+    except LycorisError as exc:
+        message = " ".join(str(exc).split())
+        if not exc.file:
+            message = f"{path}: {message}"
+        print(f"lycoris_core inspect: error: {message}", file=err)
+        return 1
+    except OSError as exc:
+        print(f"lycoris_core inspect: error: {path}: {exc.strerror or exc}", file=err)
+        return 1
+    print(json.dumps(report, indent=2, ensure_ascii=False) if as_json else format_report(report),
+          file=out)
+    return 0
