@@ -487,6 +487,8 @@ WEIGHT_DEPENDENT = {
     "diag-oft": ({"oft_blocks": (3, 2, 2)}, (6, 5)),
     "boft": ({"oft_blocks": (3, 4, 2, 2)}, (8, 5)),
     "full+set_weight": ({"set_weight": (6, 5)}, (6, 5)),
+    "diag-oft-legacy": ({"oft_diag": (3, 2, 2)}, (6, 5)),
+    "lora+dora": ({"lora_up.weight": (6, 2), "lora_down.weight": (2, 5), "dora_scale": (6, 1)}, (6, 5)),
 }
 
 
@@ -495,6 +497,8 @@ def _module(algo, layout, seed=0):
     sd = {f"m.{k}": torch.randn(shape, generator=g) * 0.3 for k, shape in layout.items()}
     if algo == "ia3":
         sd["m.on_input"] = torch.tensor(0.0)
+    elif algo == "diag-oft-legacy":
+        sd["m.oft_diag"] += torch.eye(2)  # the rotation form: rows of norm ~1
     elif algo not in ("full", "norm", "full+set_weight"):
         sd["m.alpha"] = torch.tensor(1.0)
     return sd
@@ -508,6 +512,10 @@ def test_analyser_uses_a_zero_base_only_where_the_change_ignores_w(algo):
     adapters = load_file(_module(algo, layout), strict=True)
     w = torch.randn(shape, generator=torch.Generator().manual_seed(5))
     true_norm = float((adapters["m"].merge(w, 1.0) - w).norm())
+    other = 3 * torch.randn(shape, generator=torch.Generator().manual_seed(6))
+    reads_w = not torch.allclose(adapters["m"].merge(other, 1.0) - other, adapters["m"].merge(w, 1.0) - w,
+                                 atol=1e-5)
+    assert adapters["m"].depends_on_weight == reads_w == (algo in WEIGHT_DEPENDENT)
     [row] = analyse(adapters)
     if algo in WEIGHT_FREE:
         assert row.norm_delta == pytest.approx(true_norm, rel=1e-5) and row.note == ""
@@ -516,3 +524,9 @@ def test_analyser_uses_a_zero_base_only_where_the_change_ignores_w(algo):
     [row] = analyse(adapters, {"m": w})
     assert row.norm_delta == pytest.approx(true_norm, rel=1e-5)
     assert row.rel_change == pytest.approx(true_norm / float(w.norm()), rel=1e-5)
+
+
+def test_str_is_the_spec_text_that_parses_back():
+    spec = parse_spec("OUTALL, IN05=0.5")
+    assert parse_spec(str(spec)).to_spec() == spec.to_spec()
+    assert "IN05" in str(spec)

@@ -232,6 +232,9 @@ class BlockStrengths:
         out.update({r.selector.text: r.value for r in self._unique_rules()})
         return out
 
+    def __str__(self) -> str:
+        return self.to_spec() or "(all blocks at 1)"
+
     def to_spec(self) -> str:
         """The spec as text in canonical spelling; `parse_spec` reads it back."""
         return ", ".join(f"{k}={_fmt(v)}" for k, v in self.to_json().items())
