@@ -1,7 +1,7 @@
 """Report what an adapter file holds: algorithms, ranks, alphas, dtypes, model parts, metadata, problems.
 
-The model-part classifier here is deliberately small (prefixes and block words of the kohya/LyCORIS,
-diffusers and peft naming families); per-architecture block maps live elsewhere.
+Model parts are block ids from `lycoris_core.blocks` (BASE, IN04, M00, D07, …), grouped as the
+block-weight sliders group them, so what inspect lists is what a block-strength spec can address.
 """
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ import os
 import re
 import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TextIO
 
 import torch
 
 from .adapter_file import AdapterFile, load_file
 from .algos import Adapter
+from .blocks import block_group, detect_arch, group_title, is_known_name, module_blocks
+from .blocks.names import block_sort_key
 from .errors import LycorisError, LycorisWarning, Problem, plural
 
 EXAMPLE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples",
@@ -31,52 +33,12 @@ ALGO_ALIASES = {"locon": "lora", "lora": "lora", "dylora": "lora", "oft": "diag-
                 "diag-oft": "diag-oft", "lokr": "lokr", "loha": "loha", "ia3": "ia3",
                 "glora": "glora", "boft": "boft", "full": "full"}
 
-# text encoders: name prefix -> part (checked in order, longest first where they overlap)
-TEXT_ENCODERS: tuple[tuple[str, str], ...] = (
-    ("lora_te1_", "text encoder 1"), ("lora_te2_", "text encoder 2"), ("lora_te3_", "text encoder 3"),
-    ("lora_te_", "text encoder"), ("lora_prior_te_", "text encoder"),
-    ("text_encoder_2.", "text encoder 2"), ("text_encoder_3.", "text encoder 3"),
-    ("text_encoder.", "text encoder"), ("text_encoders.", "text encoder"),
-    ("clip_l.", "text encoder (CLIP-L)"), ("clip_g.", "text encoder (CLIP-G)"),
-    ("t5xxl.", "text encoder (T5)"),
-)
-# prefixes in front of the diffusion model's own module path
-MODEL_PREFIXES = ("lora_unet_", "lora_prior_unet_", "lora_transformer_", "lycoris_", "oft_unet_",
-                  "base_model.model.", "model.diffusion_model.", "diffusion_model.", "unet.",
-                  "transformer.")
-# (pattern on the flattened path, part); group 1, when present, is the block index
-BLOCKS: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p), part) for p, part in (
-    (r"(?:^|_)(?:down_blocks|input_blocks)_(\d+)", "UNet down"),
-    (r"(?:^|_)(?:mid_block|middle_block)()", "UNet mid"),
-    (r"(?:^|_)(?:up_blocks|output_blocks)_(\d+)", "UNet up"),
-    (r"^(?:double_blocks)_(\d+)", "DiT double"),
-    (r"^(?:single_blocks|single_transformer_blocks)_(\d+)", "DiT single"),
-    (r"^joint_blocks_(\d+)", "DiT joint"),
-    (r"^(?:transformer_blocks|blocks|layers)_(\d+)", "DiT blocks"),
-    (r"^(?:conv_in|conv_out|conv_norm_out|time_embed|time_embedding|label_emb|add_embedding|out_\d)"
-     r"()", "UNet in/out"),
-    (r"^(?:img_in|txt_in|time_in|vector_in|guidance_in|final_layer|x_embedder|context_embedder|"
-     r"norm_out|proj_out|time_text_embed|pos_embed)()", "DiT in/out"),
-))
-
-
-def classify(name: str) -> tuple[str, int | None]:
-    """(model part, block index or None) of a module name; part "unknown" when not recognised."""
-    for prefix, part in TEXT_ENCODERS:
-        if name.startswith(prefix):
-            layer = re.search(r"(?:layers|block)[._](\d+)", name)  # CLIP layers_N, T5 block_N
-            return part, int(layer.group(1)) if layer else None
-    path = name
-    for prefix in MODEL_PREFIXES:
-        if name.startswith(prefix):
-            path = name[len(prefix):]
-            break
-    flat = path.replace(".", "_")
-    for pattern, part in BLOCKS:
-        m = pattern.search(flat)
-        if m:
-            return part, int(m.group(1)) if m.group(1) else None
-    return ("diffusion model (other)" if path != name else "unknown"), None
+# kohya `ss_base_model_version` of the families `detect_arch` tells apart by module names
+ARCH_BASE_MODELS = {"sdxl": "sdxl_base_v1-0", "flux": "flux1", "sd3": "sd3"}
+# SD UNets by the width their cross-attention k/v read (the text context), or the width of the
+# only CLIP of a kohya `lora_te_` file: what names alone cannot tell (SD1.x vs SD2.x)
+CONTEXT_WIDTHS = {768: "sd_v1", 1024: "sd_v2", 2048: "sdxl_base_v1-0"}
+_CONTEXT_READER = re.compile(r"attn2_to_[kv](?:_|$)|^lora_te_.*_q_proj$")
 
 
 def _in_dim(adapter: Adapter) -> int | None:
@@ -85,25 +47,35 @@ def _in_dim(adapter: Adapter) -> int | None:
 
 
 def guess_base_model(adapters: Mapping[str, Adapter]) -> str | None:
-    """kohya `ss_base_model_version` guessed from module names (and cross-attention widths)."""
-    names = [n.replace(".", "_") for n in adapters]
-    if any("double_blocks_" in n or "single_blocks_" in n or "single_transformer_blocks_" in n
-           for n in names):
-        return "flux1"
-    if any("joint_blocks_" in n for n in names):
-        return "sd3"
-    if any(n.startswith(("lora_te1_", "lora_te2_")) or re.search(r"(input|output)_blocks_\d|middle_block", n)
-           for n in names):
-        return "sdxl_base_v1-0"
-    widths = {768: "sd_v1", 1024: "sd_v2", 2048: "sdxl_base_v1-0"}
+    """kohya `ss_base_model_version` guessed from module names (`detect_arch`), else from the
+    cross-attention width of an SD UNet; None when neither tells."""
+    arch = detect_arch(adapters)
+    if arch.name in ARCH_BASE_MODELS:
+        return ARCH_BASE_MODELS[arch.name]
     for name, adapter in adapters.items():
-        flat = name.replace(".", "_")
-        if ("attn2_to_k" in flat or "attn2_to_v" in flat or
-                (flat.startswith("lora_te_") and "q_proj" in flat)):
-            width = _in_dim(adapter) if isinstance(adapter, Adapter) else None
-            if width in widths:
-                return widths[width]
+        if _CONTEXT_READER.search(name.lower().replace(".", "_")) and isinstance(adapter, Adapter):
+            width = _in_dim(adapter)
+            if width in CONTEXT_WIDTHS:
+                return CONTEXT_WIDTHS[width]
     return None
+
+
+def block_counts(blocks: Iterable[str]) -> dict[str, int]:
+    """{block id: modules} of the modules' block ids, in canonical block order."""
+    counts = Counter(blocks)
+    return {block: counts[block] for block in sorted(counts, key=block_sort_key)}
+
+
+def part_summary(blocks: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """{group: {title, modules, blocks: {block id: modules}}} of the modules' block ids, grouped
+    as the block-weight sliders group them, in canonical block order."""
+    parts: dict[str, dict[str, Any]] = {}
+    for block, n in block_counts(blocks).items():
+        group = block_group(block)
+        entry = parts.setdefault(group, {"title": group_title(group), "modules": 0, "blocks": {}})
+        entry["blocks"][block] = n
+        entry["modules"] += n
+    return parts
 
 
 def uses_tucker(adapter: Adapter) -> bool:
@@ -174,7 +146,7 @@ def _own_problems(af: AdapterFile, guess: str | None) -> list[Problem]:
 
     if not af.adapters:
         note("no usable adapter module in this file", level="error")
-    unknown = [n for n in af.adapters if classify(n)[0] == "unknown"]
+    unknown = [n for n in af.adapters if not is_known_name(n)]
     if unknown:
         note(f"{plural(len(unknown), 'module')} named after no known model part (kohya "
              "lora_unet_/lora_te*_, lycoris_, diffusers or peft paths)", unknown[0])
@@ -228,17 +200,8 @@ def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
         groups.setdefault(_label(adapter), []).append(name)
     guess = guess_base_model(af.adapters)
     problems += _own_problems(af, guess)
-
-    def part_summary(names: list[str]) -> dict[str, dict[str, Any]]:
-        parts: dict[str, dict[str, Any]] = {}
-        for name in names:
-            part, index = classify(name)
-            entry = parts.setdefault(part, {"modules": 0, "blocks": set()})
-            entry["modules"] += 1
-            if index is not None:
-                entry["blocks"].add(index)
-        return {p: {"modules": e["modules"], "blocks": sorted(e["blocks"])}
-                for p, e in sorted(parts.items())}
+    arch = detect_arch(af.adapters)
+    blocks = module_blocks(af.adapters, arch=arch)
 
     algorithms = []
     for label, names in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
@@ -252,7 +215,7 @@ def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
             "alphas": _counts(_number(a.alpha) if a.uses_alpha else "n/a" for a in adapters),
             "dtypes": _counts(af.dtypes[k] for k in keys),
             "bytes": sum(af.key_bytes.get(k, 0) for k in keys),
-            "parts": part_summary(names),
+            "blocks": block_counts(blocks[n] for n in names),
         })
     meta = af.metadata
     try:
@@ -266,7 +229,8 @@ def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
         "tensors": len(af.dtypes),
         "modules": len(af.adapters),
         "algorithms": algorithms,
-        "parts": part_summary(list(af.adapters)),
+        "arch": {"name": arch.name, "title": arch.title},
+        "parts": part_summary(blocks.values()),
         "base_model": {"metadata": meta.get("ss_base_model_version"), "guess": guess},
         "training_metadata": {k: v for k, v in sorted(meta.items())
                               if k.startswith(("ss_", "sshs_", "modelspec."))},
@@ -298,16 +262,9 @@ def _counted(counts: Mapping[str, int]) -> str:
     return ", ".join(f"{v} (x{n})" for v, n in counts.items())
 
 
-def _where_in(part: str, blocks: list[int]) -> str:
-    if not blocks:
-        return ""
-    label = "layer" if part.startswith("text") else "block"
-    return f" ({label}{'' if len(blocks) == 1 else 's'} {', '.join(map(str, blocks))})"
-
-
-def _parts_line(parts: Mapping[str, Mapping[str, Any]]) -> str:
-    return "; ".join(f"{part} x{e['modules']}{_where_in(part, e['blocks'])}"
-                     for part, e in parts.items())
+def _blocks_line(blocks: Mapping[str, int]) -> str:
+    """{"BASE": 2, "IN01": 1} -> 'BASE x2, IN01'."""
+    return ", ".join(block if n == 1 else f"{block} x{n}" for block, n in blocks.items())
 
 
 def _short(value: str, width: int = 100) -> str:
@@ -323,18 +280,22 @@ def format_report(report: Mapping[str, Any]) -> str:
     base = report["base_model"]
     lines.append(f"Base model: {base['metadata'] or 'not in metadata'}"
                  f" (from names: {base['guess'] or 'unknown'})")
+    lines.append(f"Block map: {report['arch']['title']}")
     lines += ["", "Algorithms:"]
     for algo in report["algorithms"]:
         lines.append(f"  {algo['algorithm']}: {plural(algo['modules'], 'module')}, "
                      f"{human_bytes(algo['bytes'])}")
         lines.append(f"    rank {_counted(algo['ranks'])}; alpha {_counted(algo['alphas'])}; "
                      f"dtype {_counted(algo['dtypes'])}")
-        lines.append(f"    touches: {_parts_line(algo['parts'])}")
+        lines.append(f"    blocks: {_blocks_line(algo['blocks'])}")
     if not report["algorithms"]:
         lines.append("  (none)")
-    lines += ["", "Model parts touched:"]
-    for part, entry in report["parts"].items():
-        lines.append(f"  {part}: {plural(entry['modules'], 'module')}{_where_in(part, entry['blocks'])}")
+    lines += ["", "Model parts touched (block ids):"]
+    for entry in report["parts"].values():
+        lines.append(f"  {entry['title']}: {', '.join(entry['blocks'])} "
+                     f"({plural(entry['modules'], 'module')})")
+    if not report["parts"]:
+        lines.append("  (none)")
     meta = report["training_metadata"]
     lines += ["", "Training metadata:" if meta else "Training metadata: none"]
     width = max((len(k) for k in meta), default=0)

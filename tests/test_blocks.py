@@ -9,6 +9,7 @@ from lycoris_core import REGISTRY, load_file
 from lycoris_core.blocks import (LAYOUTS, PRESETS, BlockSpecError, BlockStrengths, analyse,
                                  block_of, blocks_present, detect_arch, format_analysis,
                                  parse_presets, parse_spec, preset_vector, scaled_strengths)
+from lycoris_core.blocks.names import block_group, group_title, is_known_name
 
 SD26 = (["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)])
 SD17 = ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00"] + [f"OUT{i:02d}" for i in range(3, 12)]
@@ -138,9 +139,30 @@ def test_block_of_file_names(table):
     ("lora_unet_layers_5_attention_qkv", None, "L05"),
     ("lora_unet_noise_refiner_1_attention_out", None, "NR01"),
     ("lora_unet_time_embed_0", None, "OTHER"),
+    # host-style text-encoder prefixes in files, kohya OFT's prefix
+    ("clip_g.transformer.text_model.encoder.layers.3.mlp.fc1", None, "BASE"),
+    ("t5xxl.transformer.encoder.block.2.layer.1.DenseReluDense.wo", None, "T5"),
+    ("oft_unet_up_blocks_3_attentions_1_transformer_blocks_0_attn2_to_out_0", None, "OUT10"),
 ])
 def test_block_of_names_and_model_keys(name, model_key, block):
     assert block_of(name, model_key) == block
+
+
+@pytest.mark.parametrize("name, known", [
+    ("lora_unet_some_new_thing", True), ("oft_unet_anything", True), ("transformer.foo", True),
+    ("time_embed_0", True), ("blocks.3.attn.q", True), ("clip_l.transformer.x", True),
+    ("text_encoder.text_model.x", True), ("my_custom_layer", False), ("foo", False),
+])
+def test_known_names_are_model_parts(name, known):
+    assert is_known_name(name) is known
+
+
+def test_block_groups_and_titles():
+    groups = {"BASE": "te", "T5": "te", "IN": "in", "IN04": "in", "M00": "mid", "OUT11": "out",
+              "OUT": "out", "D03": "double", "S37": "single", "J12": "joint", "B07": "b",
+              "DS02": "ds", "OTHER": "other"}
+    assert {b: block_group(b) for b in groups} == groups
+    assert group_title("in") == "Input blocks (IN)" and group_title("ds") == "DS blocks"
 
 
 def test_diffusers_flux_names_follow_the_detected_family():

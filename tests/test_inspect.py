@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lycoris_core import REGISTRY, LycorisWarning, load_file, save_file
-from lycoris_core.inspect import EXAMPLE_FILE, classify, guess_base_model, inspect_file, run, trigger_words
+from lycoris_core.inspect import EXAMPLE_FILE, guess_base_model, inspect_file, run, trigger_words
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +25,11 @@ def test_cli_on_shipped_example():
     out = res.stdout
     assert EXAMPLE_FILE in out
     for text in ("LoRA:", "LoCon:", "LoCon (Tucker):", "LoRA + DoRA (out axis)", "LoRA + DoRA (in axis)",
-                 "text encoder", "UNet down", "UNet mid", "UNet up", "rank 4", "alpha 2",
+                 "blocks: BASE x2, IN01 x2", "Block map: SD1.x/2.x UNet",
+                 "Text encoder: BASE (4 modules)", "Input blocks (IN): IN01, IN04 (4 modules)",
+                 "Middle block (M): M00 (2 modules)",
+                 "Output blocks (OUT): OUT07, OUT09, OUT10, OUT11 (7 modules)",
+                 "Outside every block (OTHER): OTHER (1 module)", "rank 4", "alpha 2",
                  "dtype F16", "Base model: sd_v1", "ss_network_module", "lycoris.kohya",
                  "modelspec.architecture", "stable-diffusion-v1/lora",
                  "Trigger words (most frequent tags): lycoexample, 1girl, solo", "Problems: none"):
@@ -45,7 +49,12 @@ def test_cli_json_on_example():
     assert report["modules"] == len(af) and report["file_bytes"] == os.path.getsize(EXAMPLE_FILE)
     assert sum(a["modules"] for a in report["algorithms"]) == len(af)
     lora = next(a for a in report["algorithms"] if a["algorithm"] == "LoRA")
-    assert lora["ranks"] == {"4": 2, "8": 2} and lora["parts"]["text encoder"]["blocks"] == [0]
+    assert lora["ranks"] == {"4": 2, "8": 2} and lora["blocks"] == {"BASE": 2, "IN01": 2}
+    assert report["arch"]["name"] == "sd1"
+    assert list(report["parts"]) == ["te", "in", "mid", "out", "other"]
+    assert report["parts"]["in"] == {"title": "Input blocks (IN)", "modules": 4,
+                                     "blocks": {"IN01": 3, "IN04": 1}}
+    assert sum(p["modules"] for p in report["parts"].values()) == len(af)
     assert report["training_metadata"]["ss_steps"] == "1200"
     assert report["trigger_words"][0] == "lycoexample"
     assert report["problems"] == []
@@ -80,7 +89,7 @@ def _module(seed: int, out: int = 8, inp: int = 6, alpha: float | None = 1.0, ze
 
 
 def test_problems_are_listed(tmp_path):
-    good = "lora_unet_up_blocks_1_attentions_0_proj_in"
+    good = "lora_unet_output_blocks_1_1_transformer_blocks_2_attn1_to_q"  # an SDXL-only path
     nan = "lora_unet_down_blocks_2_resnets_0_conv1"
     zero = "lora_te1_text_model_encoder_layers_3_mlp_fc1"
     odd = "my_custom_layer"
@@ -103,13 +112,13 @@ def test_problems_are_listed(tmp_path):
     assert "no known model part" in reasons[("warning", odd)]
     assert "'loha'" in reasons[("warning", "ss_network_args")]
     assert "16" in reasons[("warning", "ss_network_dim")]
-    assert "sdxl" in reasons[("warning", "ss_base_model_version")]  # lora_te1_ names: SDXL
+    assert "sdxl" in reasons[("warning", "ss_base_model_version")]
     assert "not the expected JSON" in reasons[("warning", "ss_tag_frequency")]
     out = io.StringIO()
     assert run(path, as_json=False, out=out, err=io.StringIO()) == 0
     text = out.getvalue()
     assert f"Problems: {len(report['problems'])}" in text
-    assert f"error: {nan}.lora_down.weight:" in text and "text encoder 1" in text
+    assert f"error: {nan}.lora_down.weight:" in text and "Text encoder: BASE (1 module)" in text
 
 
 def test_no_metadata_and_no_modules(tmp_path):
@@ -120,45 +129,99 @@ def test_no_metadata_and_no_modules(tmp_path):
                for p in report["problems"])
 
 
-@pytest.mark.parametrize("name, part, index", [
-    ("lora_te_text_model_encoder_layers_11_mlp_fc1", "text encoder", 11),
-    ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", "text encoder 1", 0),
-    ("lora_te2_text_model_encoder_layers_31_mlp_fc2", "text encoder 2", 31),
-    ("lora_te3_encoder_block_5_layer_1_DenseReluDense_wi_0", "text encoder 3", 5),
-    ("text_encoder_2.text_model.encoder.layers.5.self_attn.k_proj", "text encoder 2", 5),
-    ("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q", "UNet down", 1),
-    ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k", "UNet down", 4),
-    ("lora_unet_mid_block_resnets_0_conv1", "UNet mid", None),
-    ("lora_unet_middle_block_1_proj_in", "UNet mid", None),
-    ("lora_unet_up_blocks_3_attentions_2_proj_out", "UNet up", 3),
-    ("lora_unet_output_blocks_8_0_in_layers_2", "UNet up", 8),
-    ("lycoris_down_blocks_0_resnets_1_conv2", "UNet down", 0),
-    ("unet.up_blocks.2.attentions.1.transformer_blocks.0.ff.net.2", "UNet up", 2),
-    ("lora_unet_conv_in", "UNet in/out", None),
-    ("lora_unet_time_embedding_linear_1", "UNet in/out", None),
-    ("lora_unet_double_blocks_7_img_attn_qkv", "DiT double", 7),
-    ("lora_unet_single_blocks_30_linear1", "DiT single", 30),
-    ("transformer.single_transformer_blocks.2.attn.to_q", "DiT single", 2),
-    ("lora_transformer_single_transformer_blocks_0_proj_out", "DiT single", 0),
-    ("lora_unet_joint_blocks_12_x_block_attn_qkv", "DiT joint", 12),
-    ("transformer.transformer_blocks.4.attn.to_k", "DiT blocks", 4),
-    ("lycoris_transformer_blocks_1_attn_add_q_proj", "DiT blocks", 1),
-    ("diffusion_model.double_blocks.0.txt_mlp.0", "DiT double", 0),
-    ("base_model.model.blocks.9.cross_attn.q", "DiT blocks", 9),
-    ("lora_unet_final_layer_linear", "DiT in/out", None),
-    ("lora_unet_some_new_thing", "diffusion model (other)", None),
-    ("my_layer", "unknown", None),
-])
-def test_classify(name, part, index):
-    assert classify(name) == (part, index)
+def _file(tmp_path, names, widths=None):
+    """A LoRA file with one module per name (input width from `widths`, else 6)."""
+    tensors = {}
+    for seed, name in enumerate(names):
+        inp = (widths or {}).get(name, 6)
+        tensors |= {f"{name}.{k}": v for k, v in _module(seed, inp=inp).items()}
+    return save_file(tensors, tmp_path / "family.safetensors")
 
 
-def test_guess_base_model_from_names():
+# family -> (module names, detected arch, base-model guess, [(group, blocks)] in report order, a text line)
+FAMILIES = {
+    "sd1-kohya": ([
+        "lora_te_text_model_encoder_layers_11_mlp_fc1",
+        "lora_unet_conv_in",
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k",
+        "lora_unet_mid_block_resnets_0_conv1",
+        "lora_unet_up_blocks_3_attentions_2_proj_out",
+        "lora_unet_time_embedding_linear_1",
+    ], "sd1", "sd_v1", [("te", ["BASE"]), ("in", ["IN00", "IN01"]), ("mid", ["M00"]),
+                        ("out", ["OUT11"]), ("other", ["OTHER"])],
+        "  Input blocks (IN): IN00, IN01 (2 modules)"),
+    "sdxl-kohya": ([
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+        "lora_te2_text_model_encoder_layers_31_mlp_fc2",
+        "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k",
+        "lora_unet_middle_block_1_proj_in",
+        "lora_unet_output_blocks_8_0_in_layers_2",
+        "lora_unet_label_emb_0_0",
+    ], "sdxl", "sdxl_base_v1-0", [("te", ["BASE"]), ("in", ["IN04"]), ("mid", ["M00"]),
+                                  ("out", ["OUT08"]), ("other", ["OTHER"])],
+        "  Text encoder: BASE (2 modules)"),
+    "flux-kohya": ([
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1",
+        "lora_te3_encoder_block_5_layer_1_DenseReluDense_wi_0",
+        "lora_unet_img_in",
+        "lora_unet_double_blocks_7_img_attn_qkv",
+        "lora_unet_double_blocks_0_txt_mlp_0",
+        "lora_unet_single_blocks_30_linear1",
+        "lora_unet_final_layer_linear",
+    ], "flux", "flux1", [("te", ["BASE", "T5"]), ("in", ["IN"]), ("double", ["D00", "D07"]),
+                         ("single", ["S30"]), ("out", ["OUT"])],
+        "  Double-stream blocks (D): D00, D07 (2 modules)"),
+    "flux-diffusers": ([
+        "clip_l.transformer.text_model.encoder.layers.5.self_attn.k_proj",
+        "t5xxl.transformer.encoder.block.3.layer.0.SelfAttention.q",
+        "transformer.x_embedder",
+        "transformer.transformer_blocks.4.attn.to_k",
+        "transformer.single_transformer_blocks.2.attn.to_q",
+    ], "flux", "flux1", [("te", ["BASE", "T5"]), ("in", ["IN"]), ("double", ["D04"]),
+                         ("single", ["S02"])],
+        "  Single-stream blocks (S): S02 (1 module)"),
+    "sd3-kohya": ([
+        "lora_te2_text_model_encoder_layers_3_mlp_fc1",
+        "lora_unet_x_embedder_proj",
+        "lora_unet_joint_blocks_12_x_block_attn_qkv",
+        "lora_unet_joint_blocks_0_context_block_mlp_fc1",
+    ], "sd3", "sd3", [("te", ["BASE"]), ("in", ["IN"]), ("joint", ["J00", "J12"])],
+        "  Joint blocks (J): J00, J12 (2 modules)"),
+    "wan-peft": ([
+        "base_model.model.blocks.9.cross_attn.q",
+        "diffusion_model.blocks.0.self_attn.k",
+        "diffusion_model.head.head",
+    ], "auto", None, [("b", ["B00", "B09"]), ("other", ["OTHER"])],
+        "  B blocks: B00, B09 (2 modules)"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_parts_are_reported_as_grouped_block_ids(tmp_path, family):
+    names, arch, guess, groups, line = FAMILIES[family]
+    path = _file(tmp_path, names, {n: 768 for n in names if "attn2_to_k" in n})
+    report = inspect_file(path)
+    assert report["arch"]["name"] == arch and report["base_model"]["guess"] == guess
+    assert [(g, list(p["blocks"])) for g, p in report["parts"].items()] == groups
+    assert sum(p["modules"] for p in report["parts"].values()) == len(names)
+    assert report["problems"] == []  # every name is a known model part
+    out = io.StringIO()
+    assert run(path, as_json=False, out=out, err=io.StringIO()) == 0
+    assert line + "\n" in out.getvalue()
+
+
+def test_guess_base_model_from_names_and_widths():
     assert guess_base_model({"lora_unet_double_blocks_0_img_attn_qkv": None}) == "flux1"
     assert guess_base_model({"lora_unet_joint_blocks_0_x_block_attn_qkv": None}) == "sd3"
-    assert guess_base_model({"lora_te2_text_model_encoder_layers_0_mlp_fc1": None}) == "sdxl_base_v1-0"
+    assert guess_base_model({"lora_unet_output_blocks_0_1_transformer_blocks_3_attn1_to_q": None}) == "sdxl_base_v1-0"
     assert guess_base_model({"lora_unet_down_blocks_0_resnets_0_conv1": None}) is None
     assert guess_base_model(load_file(EXAMPLE_FILE)) == "sd_v1"
+    # SD1.x and SD2.x share their block names: the cross-attention width tells them apart
+    for name in ("lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_v",
+                 "lora_te_text_model_encoder_layers_0_self_attn_q_proj"):
+        for width, base in ((768, "sd_v1"), (1024, "sd_v2"), (320, None)):
+            adapters = load_file({f"{name}.{k}": v for k, v in _module(0, inp=width).items()})
+            assert guess_base_model(adapters) == base, (name, width)
 
 
 def test_trigger_words_sum_over_folders():

@@ -102,6 +102,12 @@ class Adapter(nn.Module):
         """The weight shape implied by the factors (None when it cannot be known)."""
         return None
 
+    @property
+    def depends_on_weight(self) -> bool:
+        """Whether the change `W(1) - W` depends on the base weight W (always with DoRA); when it
+        does not, a zero weight may stand in for W. Algorithms that read W override this."""
+        return self.dora_scale is not None
+
     def diff(self, weight: torch.Tensor, rows: slice | None, p: dict) -> torch.Tensor:
         """fp32 `W(1) - W` without DoRA, for `weight` (fp32; only `rows` of it when given)."""
         raise NotImplementedError
@@ -277,7 +283,9 @@ class Adapter(nn.Module):
             raise LycorisError("DoRA bypass needs the layer's weight for its norm",
                                file=self.file, key=self.name)
         wt = layer.weight
-        key = ("dora", wt.data_ptr(), wt._version, str(device))
+        # inference tensors (ComfyUI runs prompts in inference mode) keep no version counter
+        version = 0 if wt.is_inference() else wt._version
+        key = ("dora", wt.data_ptr(), version, str(device))
         if key not in self._cache or self._trainable():
             w = wt.to(device=device, dtype=FP32)
             p = self._prepared(device, FP32)

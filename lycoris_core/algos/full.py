@@ -61,6 +61,10 @@ class Full(Adapter):
         return self.diff_w if self.diff_w is not None else self.set_weight
 
     @property
+    def depends_on_weight(self) -> bool:
+        return self.set_weight is not None or super().depends_on_weight  # set_weight: S - W
+
+    @property
     def target_shape(self):
         return None if self.dense is None else tuple(self.dense.shape)
 

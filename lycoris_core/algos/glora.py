@@ -106,6 +106,10 @@ class GLoRA(Adapter):
         return self.a2.shape[1]
 
     @property
+    def depends_on_weight(self) -> bool:
+        return True  # the W x_in A1 A2 term
+
+    @property
     def target_shape(self):
         kernel = tuple(self.b2.shape[2:]) if self.b2.ndim > 2 else ()
         return (self.b1.shape[0], self.b2.shape[1]) + kernel

@@ -50,6 +50,10 @@ class IA3(Adapter):
         return self
 
     @property
+    def depends_on_weight(self) -> bool:
+        return True  # W * w
+
+    @property
     def channels(self) -> int:
         return self.w.numel()
 

@@ -104,6 +104,10 @@ class OrthogonalAdapter(Adapter):
             return None
         return self.rescale.to(device=device, dtype=FP32).reshape(-1)
 
+    @property
+    def depends_on_weight(self) -> bool:
+        return True  # the rows of W are rotated
+
     def rotate(self, v: torch.Tensor, p: dict) -> torch.Tensor:
         """The strength-1 transform of channels-last `v` (..., O), in v's dtype."""
         raise NotImplementedError

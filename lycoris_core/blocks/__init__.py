@@ -66,12 +66,13 @@ each Adapter's merge is affine in strength, passing that number to `merge`/`bypa
 `W + s_k·(W(1) − W)` for every algorithm: additive ones scale ΔW, OFT/BOFT interpolate their
 rotation per block, DoRA interpolates its normalised weight.
 """
-from .analyse import BlockChange, analyse, format_analysis, needs_base
+from .analyse import BlockChange, analyse, format_analysis
 from .archs import ARCHS, LAYOUTS, Arch, block_of, blocks_present, detect_arch, module_blocks
+from .names import block_group, group_title, is_known_name
 from .spec import (PRESETS, BlockSpecError, BlockStrengths, parse_presets, parse_spec,
                    preset_vector, scaled_strengths)
 
 __all__ = ["ARCHS", "Arch", "BlockChange", "BlockSpecError", "BlockStrengths", "LAYOUTS",
-           "PRESETS", "analyse", "block_of", "blocks_present", "detect_arch", "format_analysis",
-           "module_blocks", "needs_base", "parse_presets", "parse_spec", "preset_vector",
-           "scaled_strengths"]
+           "PRESETS", "analyse", "block_group", "block_of", "blocks_present", "detect_arch",
+           "format_analysis", "group_title", "is_known_name", "module_blocks", "parse_presets",
+           "parse_spec", "preset_vector", "scaled_strengths"]

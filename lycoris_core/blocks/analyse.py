@@ -11,10 +11,6 @@ from ..algos.base import FP32, Adapter
 from .archs import Arch, module_blocks
 from .names import block_sort_key
 
-# algorithms whose change W(1) - W does not depend on W (without DoRA, and for `full` without
-# ComfyUI's `set_weight`, which interpolates towards a replacement): a zero base stands in
-WEIGHT_FREE_ALGOS = frozenset({"lora", "loha", "lokr", "full", "norm"})
-
 
 class BlockChange(NamedTuple):
     """One block of the analysis. `norm_delta` = ‖ΔW‖ (Frobenius over the block's modules, fp32,
@@ -28,13 +24,6 @@ class BlockChange(NamedTuple):
     note: str = ""
 
 
-def needs_base(adapter: Adapter) -> bool:
-    """Whether the adapter's change depends on the base weight (OFT, BOFT, GLoRA, IA3, any DoRA,
-    `set_weight`); algorithms this module does not know are assumed to."""
-    return (adapter.algo not in WEIGHT_FREE_ALGOS or adapter.dora_scale is not None
-            or getattr(adapter, "set_weight", None) is not None)
-
-
 @torch.no_grad()
 def module_change(adapter: Adapter, base: torch.Tensor | None) -> tuple[float, float | None] | None:
     """(‖ΔW‖², ‖W‖² or None) of one module in fp32; None when the base weight is needed but absent."""
@@ -42,7 +31,7 @@ def module_change(adapter: Adapter, base: torch.Tensor | None) -> tuple[float, f
         w = base.to(FP32)
         return float((adapter.merge(w, 1.0) - w).square().sum()), float(w.square().sum())
     shape = adapter.target_shape
-    if needs_base(adapter) or shape is None:
+    if adapter.depends_on_weight or shape is None:
         return None
     device = next((p.device for p in adapter.parameters()), torch.device("cpu"))
     delta = adapter.merge(torch.zeros(shape, dtype=FP32, device=device), 1.0)
@@ -64,9 +53,10 @@ def analyse(adapters: Mapping[str, Adapter], base_weights: Mapping[str, torch.Te
     """Per block (canonical order): module count, ‖ΔW‖ and ‖ΔW‖/‖W‖ at strength 1.
 
     `base_weights` maps module names (the adapters' keys) to the weights they patch. Without a
-    module's base, a zero weight stands in only where ΔW does not depend on W (LoRA, LoHa, LoKr,
-    full, norm); W-dependent modules (OFT, BOFT, GLoRA, IA3, DoRA) make the block report
-    "needs base weights" instead of a wrong number.
+    module's base, a zero weight stands in only where ΔW does not depend on W
+    (`Adapter.depends_on_weight` is False: LoRA, LoHa, LoKr, full `diff`, norm); W-dependent modules
+    (OFT, BOFT, GLoRA, IA3, DoRA, `set_weight`) make the block report "needs base weights" instead
+    of a wrong number.
     """
     bases = base_weights or {}
     groups: dict[str, list[str]] = {}

@@ -18,6 +18,10 @@ Then, in this order:
    refiner; an architecture may rename containers (`aliases`: diffusers Flux
    `transformer_blocks` -> `D`);
 5. anything else -> `OTHER`.
+
+Blocks are shown in groups (`block_group`): the text encoders, the SD UNet's in/mid/out, a DiT's
+input embedders with `IN` and final layer with `OUT`, one group per container code (double,
+single, joint, or the code itself), and `OTHER`.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ IN = "IN"
 OUT = "OUT"
 OTHER = "OTHER"
 
-_UNET_PREFIXES = ("lora_unet_", "lora_prior_unet_", "lora_transformer_", "lycoris_",
+_UNET_PREFIXES = ("lora_unet_", "lora_prior_unet_", "lora_transformer_", "lycoris_", "oft_unet_",
                   "base_model.model.", "model.", "diffusion_model.", "diffusion_model_", "unet.",
                   "transformer.")
 _TE_PREFIX = re.compile(
@@ -145,6 +149,15 @@ def classify(name: str, aliases: Mapping[str, str] | None = None) -> str:
     return container_block(path, aliases) or OTHER
 
 
+def is_known_name(name: str) -> bool:
+    """Whether a module name reads as part of a model: a text encoder, a trainer/host prefix
+    (`lora_unet_`, `transformer.`, …) or a path a block rule knows; `my_layer` does not."""
+    raw = name.lower()
+    path = unet_path(raw)
+    return (is_text_encoder(raw) or path != raw.replace(".", "_") or classify(raw) != OTHER
+            or bool(SD_OUTSIDE.match(path)))
+
+
 _ID = re.compile(r"^([A-Z]+)(\d+)$")
 _FIXED_RANK = {BASE: 0, T5: 1, IN: 2, OUT: 20, OTHER: 30}
 _FAMILY_RANK = {"IN": 3, "M": 4, "OUT": 5, "D": 6, "S": 7, "J": 8}
@@ -164,3 +177,28 @@ def block_sort_key(block: str) -> tuple:
         return (_FIXED_RANK[block], "", 0)
     code, index = split_id(block)
     return (_FAMILY_RANK.get(code, 9), code, index if index is not None else -1)
+
+
+# group id -> title; a container code without an entry gets "<CODE> blocks"
+GROUP_TITLES = {
+    "te": "Text encoder", "in": "Input blocks (IN)", "mid": "Middle block (M)",
+    "out": "Output blocks (OUT)", "double": "Double-stream blocks (D)",
+    "single": "Single-stream blocks (S)", "joint": "Joint blocks (J)",
+    "other": "Outside every block (OTHER)",
+}
+_CODE_GROUPS = {"IN": "in", "M": "mid", "OUT": "out", "D": "double", "S": "single", "J": "joint"}
+
+
+def block_group(block: str) -> str:
+    """The group of a block id: te, in, mid, out, double, single, joint, other, or its code."""
+    if block in (BASE, T5):
+        return "te"
+    if block == OTHER:
+        return "other"
+    code, _ = split_id(block)
+    return _CODE_GROUPS.get(code, code.lower())
+
+
+def group_title(group: str) -> str:
+    """The title shown for a `block_group` id."""
+    return GROUP_TITLES.get(group, f"{group.upper()} blocks")
