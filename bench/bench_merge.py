@@ -94,7 +94,7 @@ def bench_algo(name, cls, kwargs, rank, dtype, repeat):
             module = module.to(dtype)
         with torch.no_grad():
             ours += best_time(lambda: adapter.merge(weight, 1.0), repeat)
-            ref += best_time(lambda: module.get_merged_weight(multiplier=1.0), repeat)
+            ref += best_time(lambda: module.get_merged_weight(multiplier=1.0, shape=weight.shape), repeat)
             copy += best_time(lambda: weight.clone(), repeat)
         nbytes += 2 * weight.numel() * weight.element_size()
     return dict(algo=name, rank=rank, seconds=ours, gb=nbytes / 1e9, gbps=nbytes / 1e9 / max(ours, 1e-12),

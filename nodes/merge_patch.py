@@ -1,0 +1,120 @@
+"""Merge mode: our adapters as ComfyUI weight adapters, patched by the host at load time.
+
+The host calls `calculate_weight` with a float working copy of the weight (or of its slice when
+the patch has an offset) on the device it chose, also on every forward under lowvram and for GGUF.
+We write the patched values into that tensor in place (the host discards our return value when an
+offset is used) and let exceptions through: a patch that cannot be applied must not pass silently.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from comfy.weight_adapter import WeightAdapterBase
+
+from ..lycoris_core import LycorisError
+
+
+def _is_identity(function, like: torch.Tensor) -> bool:
+    """Whether the host's `function` (applied to the scaled change) leaves a tensor as it is."""
+    if function is None:
+        return True
+    probe = like.new_zeros(0)
+    try:
+        return function(probe) is probe
+    except Exception:  # noqa: BLE001 - a transform that rejects an empty tensor is not the identity
+        return False
+
+
+class _Patch(WeightAdapterBase):
+    """Common state of our weight and bias patches."""
+
+    def __init__(self, adapter, module_name: str):
+        self.adapter = adapter
+        self.module_name = module_name
+        self.name = f"lycoris:{adapter.algo}"
+        self.loaded_keys: set[str] = set()
+        self.weights = ()
+
+    def calculate_shape(self, key):  # newer hosts: our patches never change a weight's shape
+        return None
+
+    def _patched(self, weight: torch.Tensor, strength: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def calculate_weight(self, weight, key, strength, strength_model, offset, function, *host_args,
+                         **host_kwargs):
+        """The host's hook. `weight` is already narrowed to `offset` and scaled by `strength_model`;
+        later host arguments (intermediate dtype, original weights, device mesh) are not needed:
+        our math is fp32 whatever the working dtype."""
+        return self._write(weight, strength, function)
+
+    def _write(self, weight: torch.Tensor, strength: float, function) -> torch.Tensor:
+        if strength == 0:
+            return weight
+        with torch.no_grad():
+            if _is_identity(function, weight):
+                new = self._patched(weight, strength)
+                if new is not weight:
+                    weight.copy_(new)
+            else:
+                new = self._patched(weight.clone(), strength)
+                weight += function(new.to(weight.dtype) - weight).to(weight.dtype)
+        return weight
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.adapter.algo} {self.module_name}>"
+
+
+class LycorisWeightPatch(_Patch):
+    """`W <- W + m * D(W)` through the adapter's own fp32 merge, in place."""
+
+    def _patched(self, weight, strength):
+        try:
+            return self.adapter.merge(weight, strength, inplace=True)
+        finally:
+            # prepared factors live on the patch device: do not keep them there after patching
+            self.adapter.clear_cache()
+
+
+class LycorisBiasPatch(_Patch):
+    """`b <- merge_bias(b, m)` for algorithms that change the bias (diff_b, b_norm)."""
+
+    def _patched(self, weight, strength):
+        new = self.adapter.merge_bias(weight, strength)
+        if new is None or tuple(new.shape) != tuple(weight.shape):
+            raise LycorisError(f"bias patch produced {None if new is None else list(new.shape)} "
+                               f"for a bias of shape {list(weight.shape)}",
+                               file=getattr(self.adapter, "file", None), key=self.module_name)
+        return new
+
+
+def add_merge_patches(patcher, items: Iterable[tuple], part_label: str) -> int:
+    """Add `(target, strength, with_bias)` items to a ModelPatcher (or CLIP), one call per strength.
+
+    Raises when the host refuses a key: every key was checked against the model beforehand, so a
+    refusal means the model changed under us and the result would be half-patched.
+    """
+    # one add_patches call takes one patch per key: several modules on one key (two spellings of a
+    # name, a fused weight's slices) go into successive calls, which the host applies in order
+    batches: list[tuple[float, dict]] = []
+    last: dict = {}  # key -> index of the last batch that patches it
+    for target, strength, with_bias in items:
+        patches = {target.patch_key: LycorisWeightPatch(target.adapter, target.name)}
+        if with_bias:
+            patches[target.bias_patch_key] = LycorisBiasPatch(target.adapter, target.name)
+        after = max((last[k] for k in patches if k in last), default=-1)
+        index = next((i for i in range(after + 1, len(batches)) if batches[i][0] == strength), None)
+        if index is None:
+            batches.append((strength, {}))
+            index = len(batches) - 1
+        batches[index][1].update(patches)
+        last.update(dict.fromkeys(patches, index))
+    count = 0
+    for strength, patches in batches:
+        accepted = set(patcher.add_patches(patches, strength))
+        refused = [k for k in patches if k not in accepted]
+        if refused:
+            raise LycorisError(f"the {part_label} refused {len(refused)} patch keys, e.g. {refused[0]!r}")
+        count += len(patches)
+    return count

@@ -1,0 +1,57 @@
+"""pytest fixtures for host tests; tests/conftest.py re-exports them."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from . import host
+
+
+@pytest.fixture(scope="session")
+def comfy_host():
+    """The ComfyUI checkout, imported for CPU; skips the test when it is absent or broken."""
+    reason = host.missing_reason()
+    if reason:
+        pytest.skip(reason)
+    try:
+        return host.import_host()
+    except ImportError as exc:
+        pytest.skip(f"ComfyUI at {host.comfyui_path()} cannot be imported: {exc}")
+
+
+@pytest.fixture(scope="session")
+def lycoris_pack(comfy_host):
+    """This repository imported as a custom node pack inside the host."""
+    return host.import_pack()
+
+
+@pytest.fixture(scope="session")
+def sd15_checkpoint(comfy_host):
+    """Path of the cached random SD1.5 checkpoint (built once per machine)."""
+    import folder_paths
+
+    from .checkpoint import cache_dir, ensure_checkpoint
+
+    path = ensure_checkpoint()
+    folder_paths.add_model_folder_path("checkpoints", cache_dir())
+    folder_paths.add_model_folder_path("diffusion_models", cache_dir())
+    return path
+
+
+@pytest.fixture(scope="session")
+def sd15(sd15_checkpoint):
+    """(MODEL, CLIP, VAE) from the host's own checkpoint loader node."""
+    import nodes
+
+    return nodes.CheckpointLoaderSimple().load_checkpoint(os.path.basename(sd15_checkpoint))
+
+
+@pytest.fixture(scope="session")
+def loras_dir(comfy_host, tmp_path_factory):
+    """A fresh folder registered as a `loras` folder of the host."""
+    import folder_paths
+
+    path = tmp_path_factory.mktemp("loras")
+    folder_paths.add_model_folder_path("loras", str(path))
+    return path
