@@ -11,8 +11,10 @@ from torch import nn
 
 from lycoris_core import LayerSpec, LycorisShapeError, load_file
 from lycoris_core.algos.boft import BOFT, butterfly, power2_factorization
-from oracle import (DTYPE_TOL, STRENGTHS, bypass_forward, make_layer, merged_forward, randomize,
-                    reference_forward, rel_err, sample_input, to_adapter)
+from oracle import (assert_affine_and_bypass, assert_export_is_reference_state,
+                    assert_flat_rescale_reads_alike, assert_half_base_bypass, assert_half_merge,
+                    assert_merged_like_reference, assert_rotates_rows, assert_trainable, make_layer,
+                    options_id, reference_pair, rel_err, sample_input)
 
 # layer kind -> (lora_dim, expected oft_blocks shape M x n x b x b)
 LAYERS = {
@@ -25,10 +27,6 @@ LAYERS = {
 OPTIONS = [dict(constraint=c, rescaled=r) for c in (0.0, 0.01) for r in (False, True)]
 
 
-def _id(opts):
-    return "-".join(f"{k}={v}" for k, v in opts.items())
-
-
 def layer_for(kind):
     if kind == "wide":
         torch.manual_seed(0)
@@ -39,14 +37,10 @@ def layer_for(kind):
 def build(kind, constraint=0.0, rescaled=False):
     layer = layer_for(kind)
     lora_dim, shape = LAYERS[kind]
-    ref = ButterflyOFTModule("lora_unet_test", layer, lora_dim=lora_dim, constraint=constraint,
-                             rescaled=rescaled)
+    ref, adapter = reference_pair(ButterflyOFTModule, layer, lora_dim=lora_dim, constraint=constraint,
+                                  rescaled=rescaled)
     assert tuple(ref.oft_blocks.shape) == shape
-    randomize(ref)
-    if rescaled:
-        with torch.no_grad():
-            ref.rescale.add_(1.0)  # rescale near 1, as after training
-    return layer, ref, to_adapter(ref)
+    return layer, ref, adapter
 
 
 def rotate_weight(r, w, rescale=None):
@@ -54,7 +48,7 @@ def rotate_weight(r, w, rescale=None):
     return out if rescale is None else out * rescale.reshape(-1, *([1] * (w.ndim - 1)))
 
 
-@pytest.mark.parametrize("opts", OPTIONS, ids=_id)
+@pytest.mark.parametrize("opts", OPTIONS, ids=options_id)
 @pytest.mark.parametrize("kind", LAYERS)
 def test_merge_matches_reference(kind, opts):
     layer, ref, adapter = build(kind, **opts)
@@ -62,28 +56,15 @@ def test_merge_matches_reference(kind, opts):
     if opts["constraint"]:  # the bound c * O must actually clip Q in this test
         blocks = ref.oft_blocks.detach()
         assert (blocks - blocks.transpose(-1, -2)).norm() > opts["constraint"] * layer.weight.shape[0]
-    x = sample_input(layer)
-    assert rel_err(merged_forward(adapter, layer, x), reference_forward(ref, x)) < 1e-5
-    with torch.no_grad():
-        ref_weight = ref.get_merged_weight(1.0)[0]
-    assert rel_err(adapter.merge(layer.weight.detach(), 1.0), ref_weight) < 1e-6
+    assert_merged_like_reference(adapter, ref, layer)
 
 
-@pytest.mark.parametrize("opts", OPTIONS, ids=_id)
+@pytest.mark.parametrize("opts", OPTIONS, ids=options_id)
 @pytest.mark.parametrize("kind", LAYERS)
 def test_strength_is_affine_and_bypass_matches_merge(kind, opts):
     layer, _, adapter = build(kind, **opts)
     assert layer.bias is not None and layer.bias.abs().sum() > 0  # bypass must keep the bias as is
-    w = layer.weight.detach()
-    full = adapter.merge(w, 1.0)
-    x = sample_input(layer)
-    for m in STRENGTHS:
-        merged = adapter.merge(w, m)
-        if m == 0:
-            assert torch.equal(merged, w)
-            assert torch.equal(bypass_forward(adapter, layer, x, m), layer(x))
-        assert rel_err(merged, w + m * (full - w)) < 1e-6
-        assert rel_err(bypass_forward(adapter, layer, x, m), merged_forward(adapter, layer, x, m)) < 1e-5
+    assert_affine_and_bypass(adapter, layer, sample_input(layer))
 
 
 @pytest.mark.parametrize("rescaled", [False, True])
@@ -106,40 +87,21 @@ def test_strength_differs_from_lycoris_per_stage_rule(rescaled):
 @pytest.mark.parametrize("kind", ["linear", "conv3x3"])
 def test_half_precision(kind, dtype):
     layer, _, adapter = build(kind, constraint=0.01, rescaled=True)
-    w32 = layer.weight.detach()
-    expected = adapter.merge(w32, 0.7)
-    got = adapter.merge(w32.to(dtype), 0.7)
-    assert got.dtype == dtype
-    assert rel_err(got.float(), expected) < DTYPE_TOL[dtype]
-    x = sample_input(layer)
-    spec = LayerSpec.from_module(layer)
-    with torch.no_grad():
-        out = adapter.bypass(x.to(dtype), lambda v: spec.op(v, w32.to(dtype), layer.bias.to(dtype)),
-                             0.7, spec)
-    assert out.dtype == dtype
-    assert rel_err(out.float(), merged_forward(adapter, layer, x, 0.7)) < 4 * DTYPE_TOL[dtype]
+    assert_half_merge(adapter.merge, layer.weight.detach(), dtype)
+    assert_half_base_bypass(adapter, layer, sample_input(layer), dtype)
 
 
 @pytest.mark.parametrize("constraint", [0.0, 0.01])
 @pytest.mark.parametrize("kind", LAYERS)
 def test_orthogonal_at_strength_one(kind, constraint):
     layer, _, adapter = build(kind, constraint=constraint)
-    w = layer.weight.detach()
-    merged = adapter.merge(w, 1.0)
-    assert rel_err(merged, w) > 1e-2  # really rotated
-    cols = w.reshape(w.shape[0], -1).norm(dim=0)  # a rotation of the rows keeps column norms
-    assert rel_err(merged.reshape(w.shape[0], -1).norm(dim=0), cols) < 1e-6
-    assert abs(float(merged.norm() / w.norm()) - 1) < 1e-6
+    assert_rotates_rows(adapter, layer.weight.detach())
 
 
 def test_legacy_1d_rescale():
     """Feb 2024 files store rescale as (O,): read per output channel."""
     layer, ref, adapter = build("conv3x3", constraint=0.01, rescaled=True)
-    sd = {f"m.{k}": v.detach().clone() for k, v in ref.state_dict().items()}
-    sd["m.rescale"] = sd["m.rescale"].reshape(-1)
-    old = load_file(sd, strict=True)["m"]
-    w = layer.weight.detach()
-    assert rel_err(old.merge(w, 1.0), adapter.merge(w, 1.0)) < 1e-7
+    assert_flat_rescale_reads_alike(adapter, ref, layer)
 
 
 @pytest.mark.parametrize("shape, match", [
@@ -161,14 +123,7 @@ def test_wrong_target():
 
 def test_round_trip_and_export_layout():
     layer, ref, adapter = build("conv3x3", constraint=0.01, rescaled=True)
-    exported = adapter.export()
-    reference = ref.state_dict()
-    assert exported.keys() == reference.keys()
-    for k, v in reference.items():
-        assert exported[k].dtype == v.dtype and torch.equal(exported[k], v), k
-    again = load_file({f"m.{k}": v for k, v in exported.items()}, strict=True)["m"]
-    w = layer.weight.detach()
-    assert torch.equal(again.merge(w, 0.7), adapter.merge(w, 0.7))
+    assert_export_is_reference_state(adapter, ref, layer)
 
 
 def test_power2_factorization():
@@ -190,13 +145,30 @@ def test_trainable_starts_at_identity_and_gets_gradients(kind, rescaled):
     exported = adapter.export()
     assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in ref.state_dict().items()}
     assert tuple(exported["oft_blocks"].shape) == shape
-    w = layer.weight.detach()
-    assert torch.equal(adapter.merge(w, 1.0), w)
-    x = sample_input(layer)
-    assert torch.equal(bypass_forward(adapter, layer, x, 1.0), layer(x).detach())
-    out = adapter.bypass(x, layer.forward, 1.0, layer)
-    (out.square().sum() + adapter.merge(w, 1.0).square().sum()).backward()
-    params = [p for p in adapter.parameters() if p.requires_grad]
+    params = assert_trainable(adapter, layer, sample_input(layer), each=True)
     assert len(params) == (2 if rescaled else 1)
-    for p in params:
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("blocks", [(4, 8, 6), (5, 16, 4), (6, 32, 10), (3, 4, 2), (1, 1, 48)])
+def test_grouped_streaming_merge_equals_the_stagewise_butterfly(blocks, monkeypatch):
+    """Merging runs several stages per dense block and streams column chunks (on the chunk
+    pool); it must equal the stage-by-stage butterfly, rescale and strength included."""
+    import lycoris_core.algos.base as base
+
+    stages, n, b = blocks
+    g = torch.Generator().manual_seed(stages * 100 + b)
+    out_dim = n * b
+    sd = {"m.oft_blocks": 0.05 * torch.randn(stages, n, b, b, generator=g), "m.alpha": torch.tensor(0.0),
+          "m.rescale": 1 + 0.1 * torch.randn(out_dim, 1, 1, 1, generator=g)}
+    adapter = load_file(sd, strict=True)["m"]
+    w = torch.randn(out_dim, 7, 3, 3, generator=g)
+    p = adapter._prepared(w.device, torch.float32)
+    rescale = p["rescale"].reshape(-1, 1, 1, 1)
+    rotated = rotate_weight(p["r"], w) * rescale
+    monkeypatch.setattr(base, "CHUNK_ELEMENTS", 1)  # 16 columns per chunk: 4 chunks of 63 columns
+    for m in (1.0, 0.3, -0.7):
+        expected = w + m * (rotated - w)
+        assert rel_err(adapter.merge(w, m), expected) < 1e-6
+        inplace = w.clone()
+        adapter.merge(inplace, m, inplace=True)
+        assert torch.equal(inplace, adapter.merge(w, m))

@@ -17,10 +17,10 @@ from torch import nn
 from lycoris_core import LayerSpec, LycorisError, LycorisShapeError, load_file
 from lycoris_core.algos.full import Full
 from lycoris_core.algos.norm import Norm
-from oracle import (DTYPE_TOL, LAYER_KINDS, STRENGTHS, bypass_forward, make_layer, merged_forward,
-                    randomize, reference_forward, rel_err, sample_input, to_adapter)
-
-NAME = "lora_unet_test"
+from oracle import (LAYER_KINDS, NAME, assert_affine_and_bypass, assert_half_merge,
+                    assert_merged_output, assert_reloads_identically, assert_trainable,
+                    bypass_forward, make_layer, merged_forward, randomize, reference_forward,
+                    reference_pair, rel_err, sample_input, to_adapter)
 
 
 # ----- full ---------------------------------------------------------------------------------
@@ -45,11 +45,8 @@ def test_full_merge_matches_reference(kind):
     layer, (ref_w, ref_b), adapter = build_full(kind)
     assert adapter.diff_b is not None
     x = sample_input(layer)
-    spec = LayerSpec.from_module(layer)
-    expected = spec.op(x, ref_w, ref_b)
-    assert rel_err(merged_forward(adapter, layer, x), expected) < 1e-5
+    assert_merged_output(adapter, layer, x, LayerSpec.from_module(layer).op(x, ref_w, ref_b))
     with torch.no_grad():
-        assert rel_err(layer(x), expected) > 1e-3
         assert rel_err(adapter.merge_bias(layer.bias.detach()), ref_b) < 1e-6
 
 
@@ -58,17 +55,7 @@ def test_full_merge_matches_reference(kind):
 def test_full_strength_is_affine_and_bypass_matches_merge(kind, bias):
     layer, _, adapter = build_full(kind, bias)
     assert (adapter.diff_b is not None) == bias
-    w = layer.weight.detach()
-    full = adapter.merge(w, 1.0)
-    x = sample_input(layer)
-    for m in STRENGTHS:
-        merged = adapter.merge(w, m)
-        if m == 0:
-            assert torch.equal(merged, w)
-            if bias:
-                assert torch.equal(adapter.merge_bias(layer.bias.detach(), m), layer.bias)
-        assert rel_err(merged, w + m * (full - w)) < 1e-6
-        assert rel_err(bypass_forward(adapter, layer, x, m), merged_forward(adapter, layer, x, m)) < 1e-5
+    assert_affine_and_bypass(adapter, layer, sample_input(layer))
 
 
 def test_full_diff_b_on_a_layer_without_bias():
@@ -89,13 +76,8 @@ def test_full_diff_b_on_a_layer_without_bias():
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 def test_full_merge_in_half_precision(kind, dtype):
     layer, _, adapter = build_full(kind)
-    w32, b32 = layer.weight.detach(), layer.bias.detach()
-    got = adapter.merge(w32.to(dtype), 0.7)
-    assert got.dtype == dtype
-    assert rel_err(got.float(), adapter.merge(w32, 0.7)) < DTYPE_TOL[dtype]
-    b = adapter.merge_bias(b32.to(dtype), 0.7)
-    assert b.dtype == dtype
-    assert rel_err(b.float(), adapter.merge_bias(b32, 0.7)) < DTYPE_TOL[dtype]
+    assert_half_merge(adapter.merge, layer.weight.detach(), dtype)
+    assert_half_merge(adapter.merge_bias, layer.bias.detach(), dtype)
 
 
 @pytest.mark.parametrize("kind", LAYER_KINDS)
@@ -134,22 +116,16 @@ def test_full_export_round_trip(kind):
     layer, _, adapter = build_full(kind)
     out = adapter.export()
     assert set(out) == {"diff", "diff_b"}
-    reloaded = load_file({f"{NAME}.{k}": v for k, v in out.items()}, strict=True)[NAME]
-    w, b = layer.weight.detach(), layer.bias.detach()
-    assert torch.equal(reloaded.merge(w, 0.3), adapter.merge(w, 0.3))
-    assert torch.equal(reloaded.merge_bias(b, 0.3), adapter.merge_bias(b, 0.3))
+    assert_reloads_identically(adapter, layer, 0.3, out)
 
 
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 def test_full_trainable_starts_at_zero_and_gets_gradients(kind):
     layer = make_layer(kind)
     adapter = Full.create(LayerSpec.from_module(layer))
-    w, b = layer.weight.detach(), layer.bias.detach()
-    assert torch.equal(adapter.merge(w, 1.0), w) and torch.equal(adapter.merge_bias(b, 1.0), b)
-    x = sample_input(layer)
-    out = adapter.bypass(x, layer.forward, 1.0, layer)
-    out.square().sum().backward()
-    assert adapter.diff_w.grad.abs().sum() > 0 and adapter.diff_b.grad.abs().sum() > 0
+    params = assert_trainable(adapter, layer, sample_input(layer), through_merge=False, each=True)
+    assert len(params) == 2  # diff_w and diff_b
+    w, b = layer.weight, layer.bias
     assert {k: v.shape for k, v in adapter.export().items()} == {"diff": w.shape, "diff_b": b.shape}
 
 
@@ -182,45 +158,28 @@ def merged_norm(adapter, layer, x, m=1.0):
 
 def build_norm(kind):
     layer, x = make_norm(kind)
-    ref = NormModule(NAME, layer)
-    randomize(ref, scale=0.3)
-    return layer, x, ref, to_adapter(ref)
+    return (layer, x, *reference_pair(NormModule, layer, scale=0.3))
 
 
 @pytest.mark.parametrize("kind", NORM_KINDS)
 def test_norm_merge_matches_reference_forward(kind):
     layer, x, ref, adapter = build_norm(kind)
     assert isinstance(adapter, Norm)
-    expected = reference_forward(ref, x)
-    assert rel_err(merged_norm(adapter, layer, x), expected) < 1e-5
-    with torch.no_grad():
-        assert rel_err(layer(x), expected) > 1e-3
+    assert_merged_output(adapter, layer, x, reference_forward(ref, x), forward=merged_norm)
 
 
 @pytest.mark.parametrize("kind", NORM_KINDS)
 def test_norm_strength_is_affine_and_bypass_matches_merge(kind):
     layer, x, _, adapter = build_norm(kind)
-    w, b = layer.weight.detach(), layer.bias.detach()
-    full_w, full_b = adapter.merge(w, 1.0), adapter.merge_bias(b, 1.0)
-    for m in STRENGTHS:
-        merged_w, merged_b = adapter.merge(w, m), adapter.merge_bias(b, m)
-        if m == 0:
-            assert torch.equal(merged_w, w) and torch.equal(merged_b, b)
-        assert rel_err(merged_w, w + m * (full_w - w)) < 1e-6
-        assert rel_err(merged_b, b + m * (full_b - b)) < 1e-6
-        got = bypass_forward(adapter, layer, x, m)
-        assert rel_err(got, merged_norm(adapter, layer, x, m)) < 1e-5
+    assert_affine_and_bypass(adapter, layer, x, forward=merged_norm)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", NORM_KINDS)
 def test_norm_merge_in_half_precision(kind, dtype):
     layer, _, _, adapter = build_norm(kind)
-    w, b = layer.weight.detach(), layer.bias.detach()
-    for merge, t in ((adapter.merge, w), (adapter.merge_bias, b)):
-        got = merge(t.to(dtype), 0.7)
-        assert got.dtype == dtype
-        assert rel_err(got.float(), merge(t, 0.7)) < DTYPE_TOL[dtype]
+    assert_half_merge(adapter.merge, layer.weight.detach(), dtype)
+    assert_half_merge(adapter.merge_bias, layer.bias.detach(), dtype)
 
 
 def test_full_diff_on_a_norm_weight():
@@ -250,7 +209,7 @@ def test_norm_export_round_trip(kind):
     out = adapter.export()
     assert set(out) == {"w_norm", "b_norm"}
     assert all(torch.equal(out[k], v) for k, v in ref.state_dict().items())
-    reloaded = load_file({f"{NAME}.{k}": v for k, v in out.items()}, strict=True)[NAME]
+    reloaded = assert_reloads_identically(adapter, layer, 0.4, out)
     assert torch.equal(merged_norm(reloaded, layer, x, 0.4), merged_norm(adapter, layer, x, 0.4))
 
 
@@ -258,12 +217,7 @@ def test_norm_export_round_trip(kind):
 def test_norm_trainable_starts_at_zero_and_gets_gradients(kind):
     layer, x = make_norm(kind)
     adapter = Norm.create(LayerSpec.from_module(layer))
-    w, b = layer.weight.detach(), layer.bias.detach()
-    assert torch.equal(adapter.merge(w, 1.0), w) and torch.equal(adapter.merge_bias(b, 1.0), b)
-    out = adapter.bypass(x, layer.forward, 1.0, layer)
-    with torch.no_grad():
-        assert torch.equal(out, layer(x))
-    (out * torch.randn_like(out)).sum().backward()
-    assert adapter.w_norm.grad.abs().sum() > 0 and adapter.b_norm.grad.abs().sum() > 0
+    params = assert_trainable(adapter, layer, x, through_merge=False, each=True)
+    assert len(params) == 2  # w_norm and b_norm
     shapes = {k: v.shape for k, v in NormModule(NAME, layer).state_dict().items()}
     assert {k: v.shape for k, v in adapter.export().items()} == shapes

@@ -6,18 +6,16 @@ from lycoris.modules.glora import GLoRAModule
 
 from lycoris_core import LayerSpec, LycorisError, LycorisShapeError, load_file
 from lycoris_core.algos.glora import GLoRA
-from oracle import (DTYPE_TOL, LAYER_KINDS, STRENGTHS, bypass_forward, make_layer, merged_forward,
-                    randomize, reference_forward, rel_err, sample_input, to_adapter)
-
-NAME = "lora_unet_test"
+from oracle import (DTYPE_TOL, LAYER_KINDS, NAME, assert_affine_and_bypass, assert_half_merge,
+                    assert_merged_output, assert_reloads_identically, assert_trainable,
+                    bypass_forward, make_layer, merged_forward, reference_forward, reference_pair,
+                    reload, rel_err, sample_input)
 
 
 def build(kind, alpha=3, rank=4):
     """alpha 3 (an int: LyCORIS stores it as int64) over rank 4: gamma = 0.75, not 1."""
     layer = make_layer(kind)
-    ref = GLoRAModule(NAME, layer, lora_dim=rank, alpha=alpha)
-    randomize(ref)
-    return layer, ref, to_adapter(ref)
+    return (layer, *reference_pair(GLoRAModule, layer, lora_dim=rank, alpha=alpha))
 
 
 def formula(w, a1, a2, b1, b2, gamma):
@@ -42,10 +40,7 @@ def test_merge_matches_reference_forward(kind):
     assert adapter.layout == "3.x" and adapter.rank == 4
     assert adapter.scale == pytest.approx(0.75)
     x = sample_input(layer)
-    expected = reference_forward(ref, x)
-    assert rel_err(merged_forward(adapter, layer, x), expected) < 1e-5
-    with torch.no_grad():
-        assert rel_err(layer(x), expected) > 1e-3
+    assert_merged_output(adapter, layer, x, reference_forward(ref, x))
 
 
 @pytest.mark.parametrize("kind", LAYER_KINDS)
@@ -59,15 +54,7 @@ def test_merge_matches_formula(kind):
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 def test_strength_is_affine_and_bypass_matches_merge(kind):
     layer, _, adapter = build(kind)
-    w = layer.weight.detach()
-    full = adapter.merge(w, 1.0)
-    x = sample_input(layer)
-    for m in STRENGTHS:
-        merged = adapter.merge(w, m)
-        if m == 0:
-            assert torch.equal(merged, w)
-        assert rel_err(merged, w + m * (full - w)) < 1e-6
-        assert rel_err(bypass_forward(adapter, layer, x, m), merged_forward(adapter, layer, x, m)) < 1e-5
+    assert_affine_and_bypass(adapter, layer, sample_input(layer))
 
 
 @pytest.mark.parametrize("kind", LAYER_KINDS)
@@ -86,11 +73,7 @@ def test_bypass_applies_gamma_once(kind):
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 def test_merge_in_half_precision(kind, dtype):
     layer, _, adapter = build(kind)
-    w32 = layer.weight.detach()
-    expected = adapter.merge(w32, 0.7)
-    got = adapter.merge(w32.to(dtype), 0.7)
-    assert got.dtype == dtype
-    assert rel_err(got.float(), expected) < DTYPE_TOL[dtype]
+    assert_half_merge(adapter.merge, layer.weight.detach(), dtype)
     layer_h = make_layer(kind).to(dtype)
     x = sample_input(layer_h).to(dtype)
     y = bypass_forward(adapter, layer_h, x, 0.7)
@@ -194,9 +177,7 @@ def test_export_round_trip(kind):
     sd = ref.state_dict()
     assert set(out) == set(sd)
     assert all(out[k].shape == sd[k].shape for k in sd)
-    reloaded = load_file({f"{NAME}.{k}": v for k, v in out.items()}, strict=True)[NAME]
-    w = layer.weight.detach()
-    assert torch.equal(reloaded.merge(w, 0.6), adapter.merge(w, 0.6))
+    reloaded = assert_reloads_identically(adapter, layer, 0.6, out)
     assert all(torch.equal(reloaded.export()[k], v) for k, v in out.items())
 
 
@@ -208,20 +189,13 @@ def test_trainable_starts_at_zero_and_gets_gradients(kind, use_scalar):
     ref = GLoRAModule(NAME, layer, lora_dim=4, alpha=2.0)
     ref_shapes = {k: v.shape for k, v in ref.state_dict().items()}
     assert {k: v.shape for k, v in adapter.export().items()} == ref_shapes
-    w = layer.weight.detach()
-    assert torch.equal(adapter.merge(w, 1.0), w)
-    x = sample_input(layer)
-    out = adapter.bypass(x, layer.forward, 1.0, layer)
-    with torch.no_grad():
-        assert rel_err(out, layer(x)) < 1e-7
-    (out.square().sum() + adapter.merge(w, 1.0).square().sum()).backward()
-    grads = [p.grad for p in adapter.parameters() if p.requires_grad]
-    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert_trainable(adapter, layer, sample_input(layer))
     if use_scalar:  # the scalar is baked into a2 and b2 on export
+        w = layer.weight.detach()
         with torch.no_grad():
             adapter.scalar.fill_(0.5)
         adapter.clear_cache()
-        reloaded = load_file({f"{NAME}.{k}": v for k, v in adapter.export().items()}, strict=True)[NAME]
+        reloaded = reload(adapter.export())
         with torch.no_grad():
             assert rel_err(reloaded.merge(w), adapter.merge(w)) < 1e-6
             assert rel_err(adapter.merge(w), w) > 1e-3

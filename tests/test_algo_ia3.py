@@ -12,18 +12,17 @@ from lycoris.modules.ia3 import IA3Module
 from lycoris_core import LayerSpec, LycorisError, LycorisShapeError, load_file
 from lycoris_core.algos import detect
 from lycoris_core.algos.ia3 import IA3
-from oracle import (DTYPE_TOL, LAYER_KINDS, STRENGTHS, bypass_forward, make_layer, merged_forward,
-                    randomize, reference_forward, rel_err, sample_input, to_adapter)
+from oracle import (DTYPE_TOL, LAYER_KINDS, NAME, assert_affine_and_bypass, assert_half_merge,
+                    assert_merged_output, assert_reloads_identically, assert_trainable,
+                    bypass_forward, make_layer, merged_forward, reference_forward, reference_pair,
+                    rel_err, sample_input)
 
 SIDES = (False, True)
-NAME = "lora_unet_test"
 
 
 def build(kind, on_input):
     layer = make_layer(kind)
-    ref = IA3Module(NAME, layer, train_on_input=on_input)
-    randomize(ref, scale=0.3)
-    return layer, ref, to_adapter(ref)
+    return (layer, *reference_pair(IA3Module, layer, scale=0.3, train_on_input=on_input))
 
 
 def _side(on_input):
@@ -36,10 +35,7 @@ def test_merge_matches_reference_forward(kind, on_input):
     layer, ref, adapter = build(kind, on_input)
     assert adapter.on_input is on_input
     x = sample_input(layer)
-    expected = reference_forward(ref, x)
-    assert rel_err(merged_forward(adapter, layer, x), expected) < 1e-5
-    with torch.no_grad():
-        assert rel_err(layer(x), expected) > 1e-3  # the adapter really changes the output
+    assert_merged_output(adapter, layer, x, reference_forward(ref, x))
 
 
 @pytest.mark.parametrize("on_input", SIDES, ids=_side)
@@ -58,17 +54,9 @@ def test_merge_formula_by_rows_or_columns(kind, on_input):
 @pytest.mark.parametrize("on_input", SIDES, ids=_side)
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 def test_strength_is_affine_and_bypass_matches_merge(kind, on_input):
+    """Output side: bypass leaves the bias unscaled, exactly as the merged weight does."""
     layer, _, adapter = build(kind, on_input)
-    w = layer.weight.detach()
-    full = adapter.merge(w, 1.0)
-    x = sample_input(layer)
-    for m in STRENGTHS:
-        merged = adapter.merge(w, m)
-        if m == 0:
-            assert torch.equal(merged, w)
-        assert rel_err(merged, w + m * (full - w)) < 1e-6
-        # output side: the bias is not scaled, exactly as in the merged weight
-        assert rel_err(bypass_forward(adapter, layer, x, m), merged_forward(adapter, layer, x, m)) < 1e-5
+    assert_affine_and_bypass(adapter, layer, sample_input(layer))
 
 
 def test_output_bypass_does_not_scale_the_bias():
@@ -86,10 +74,7 @@ def test_output_bypass_does_not_scale_the_bias():
 def test_merge_in_half_precision(kind, on_input, dtype):
     layer, _, adapter = build(kind, on_input)
     w32 = layer.weight.detach()
-    expected = adapter.merge(w32, 0.7)
-    got = adapter.merge(w32.to(dtype), 0.7)
-    assert got.dtype == dtype
-    assert rel_err(got.float(), expected) < DTYPE_TOL[dtype]
+    expected = assert_half_merge(adapter.merge, w32, dtype)
     assert rel_err(expected, w32) > 10 * DTYPE_TOL[dtype]  # the change is larger than the rounding
 
 
@@ -135,9 +120,7 @@ def test_export_round_trip(kind, on_input):
     assert out["on_input"].ndim == 0 and out["on_input"].dtype == torch.int64
     assert int(out["on_input"]) == int(on_input)
     assert out["weight"].shape == ref.weight.shape
-    reloaded = load_file({f"{NAME}.{k}": v for k, v in out.items()}, strict=True)[NAME]
-    w = layer.weight.detach()
-    assert torch.equal(reloaded.merge(w, 0.8), adapter.merge(w, 0.8))
+    reloaded = assert_reloads_identically(adapter, layer, 0.8, out)
     assert torch.equal(reloaded.export()["weight"], out["weight"])
 
 
@@ -148,10 +131,4 @@ def test_trainable_starts_at_zero_and_gets_gradients(kind, on_input):
     adapter = IA3.create(LayerSpec.from_module(layer), on_input=on_input)
     ref_shape = IA3Module(NAME, layer, train_on_input=on_input).weight.shape
     assert adapter.w.shape == ref_shape  # LyCORIS shapes: (C,) or 1xCx1x1
-    w = layer.weight.detach()
-    assert torch.equal(adapter.merge(w, 1.0), w)
-    x = sample_input(layer)
-    assert torch.equal(adapter.bypass(x, layer.forward, 1.0, layer), layer(x))
-    out = adapter.bypass(x, layer.forward, 1.0, layer)
-    (out.square().sum() + adapter.merge(w, 1.0).square().sum()).backward()
-    assert adapter.w.grad is not None and adapter.w.grad.abs().sum() > 0
+    assert_trainable(adapter, layer, sample_input(layer), each=True)

@@ -11,10 +11,12 @@ import torch
 from lycoris.modules.loha import LohaModule
 
 import lycoris_core.algos.base as base
-from lycoris_core import LayerSpec, load_file
+from lycoris_core import LayerSpec
 from lycoris_core.algos.loha import LoHa
-from oracle import (DTYPE_TOL, LAYER_KINDS, STRENGTHS, bypass_forward, make_layer, merged_forward,
-                    randomize, reference_forward, rel_err, sample_input, to_adapter)
+from oracle import (LAYER_KINDS, NAME, assert_affine_and_bypass, assert_export_like_reference,
+                    assert_half_bypass, assert_half_merge, assert_trainable, make_layer,
+                    merged_forward, options_id, reference_forward, reference_options, reference_pair,
+                    rel_err, sample_input)
 
 OPTIONS = [dict(use_tucker=t, weight_decompose=wd, wd_on_out=axis)
            for t, (wd, axis) in itertools.product((False, True), ((False, True), (True, True), (True, False)))]
@@ -23,16 +25,11 @@ OPTIONS.append(dict(use_scalar=True))  # the reference bakes its (random) scalar
 
 def build(kind, alpha=2.0, rank=4, **opts):
     layer = make_layer(kind)
-    ref = LohaModule("lora_unet_test", layer, lora_dim=rank, alpha=alpha, **opts)
-    randomize(ref)
-    if opts.get("weight_decompose"):
-        with torch.no_grad():
-            ref.dora_scale.mul_(1.1)  # a magnitude that differs from ||W||
-    return layer, ref, to_adapter(ref)
+    return (layer, *reference_pair(LohaModule, layer, lora_dim=rank, alpha=alpha, **opts))
 
 
 def _id(opts):
-    return "-".join(f"{k}={v}" for k, v in opts.items()) or "plain"
+    return options_id(opts, "plain")
 
 
 @pytest.mark.parametrize("opts", OPTIONS, ids=_id)
@@ -51,38 +48,21 @@ def test_merge_matches_reference_forward(kind, opts):
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 def test_strength_is_affine_and_bypass_matches_merge(kind, opts):
     layer, _, adapter = build(kind, **opts)
-    w = layer.weight.detach()
-    full = adapter.merge(w, 1.0)
-    x = sample_input(layer)
-    for m in STRENGTHS:
-        merged = adapter.merge(w, m)
-        if m == 0:
-            assert torch.equal(merged, w)
-        assert rel_err(merged, w + m * (full - w)) < 1e-6
-        assert rel_err(bypass_forward(adapter, layer, x, m), merged_forward(adapter, layer, x, m)) < 1e-5
+    assert_affine_and_bypass(adapter, layer, sample_input(layer))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 def test_merge_in_half_precision(kind, dtype):
     layer, _, adapter = build(kind, weight_decompose=True)
-    w32 = layer.weight.detach()
-    expected = adapter.merge(w32, 0.7)
-    got = adapter.merge(w32.to(dtype), 0.7)
-    assert got.dtype == dtype
-    assert rel_err(got.float(), expected) < DTYPE_TOL[dtype]
+    assert_half_merge(adapter.merge, layer.weight.detach(), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 def test_bypass_builds_delta_in_input_dtype(kind, dtype):
     layer, _, adapter = build(kind, use_tucker=True)
-    x = sample_input(layer)
-    expected = bypass_forward(adapter, layer, x, 0.7)
-    layer = layer.to(dtype)
-    got = bypass_forward(adapter, layer, x.to(dtype), 0.7)
-    assert got.dtype == dtype
-    assert rel_err(got.float(), expected) < DTYPE_TOL[dtype]
+    assert_half_bypass(adapter, layer, sample_input(layer), dtype)
 
 
 def test_alpha_scale_applied_once():
@@ -114,14 +94,7 @@ def test_row_chunks_compute_only_their_rows(kind, monkeypatch):
 def test_trainable_starts_at_zero_and_gets_gradients(kind, opts):
     layer = make_layer(kind)
     adapter = LoHa.create(LayerSpec.from_module(layer), rank=4, alpha=2.0, **opts)
-    w = layer.weight.detach()
-    assert torch.allclose(adapter.merge(w, 1.0), w, atol=1e-6)
-    x = sample_input(layer)
-    out = adapter.bypass(x, layer.forward, 1.0, layer)
-    (out.square().sum() + adapter.merge(w, 1.0).sum()).backward()
-    grads = [p.grad for p in adapter.parameters() if p.requires_grad]
-    assert grads and all(p.requires_grad for p in adapter.parameters())
-    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert_trainable(adapter, layer, sample_input(layer), atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", LAYER_KINDS)
@@ -130,20 +103,27 @@ def test_trainable_starts_at_zero_and_gets_gradients(kind, opts):
 def test_export_has_reference_layout_and_reloads_identically(kind, opts):
     layer = make_layer(kind)
     adapter = LoHa.create(LayerSpec.from_module(layer), rank=4, alpha=2.0, **opts)
-    ref_opts = {k: v for k, v in opts.items() if k != "dora"}
-    if "dora" in opts:
-        ref_opts.update(weight_decompose=True, wd_on_out=opts["dora"] == "out")
-    ref = LohaModule("lora_unet_test", layer, lora_dim=4, alpha=2.0, **ref_opts)
-    ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
-    randomize(adapter)
-    if adapter.scalar is not None:
-        with torch.no_grad():
-            adapter.scalar.fill_(0.7)  # must be baked into hada_w1_a
-    exported = adapter.export()
-    assert {k: tuple(v.shape) for k, v in exported.items()} == ref_shapes
-    assert float(exported["alpha"]) == float(ref.state_dict()["alpha"])
-    reloaded = load_file({f"lora_unet_test.{k}": v for k, v in exported.items()},
-                         strict=True)["lora_unet_test"]
-    w = layer.weight.detach()
-    with torch.no_grad():
-        assert torch.equal(reloaded.merge(w, 0.8), adapter.merge(w, 0.8))
+    ref = LohaModule(NAME, layer, lora_dim=4, alpha=2.0, **reference_options(opts))
+    assert_export_like_reference(adapter, ref, layer)  # a scalar is baked into hada_w1_a
+
+
+@pytest.mark.parametrize("opts", [{}, dict(use_tucker=True), dict(weight_decompose=True)], ids=_id)
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_both_merge_kernels_match_reference(kind, opts, monkeypatch):
+    """r1 * r2 <= KHATRI_RAO_MAX merges through one Khatri-Rao GEMM, larger ranks through two
+    rank-r GEMMs per row chunk and a fused multiply-add: both give the reference weight."""
+    import lycoris_core.algos.loha as loha_module
+
+    layer, ref, adapter = build(kind, rank=8, **opts)
+    x = sample_input(layer)
+    expected = reference_forward(ref, x)
+    monkeypatch.setattr(base, "CHUNK_ELEMENTS", 64)  # several row chunks
+    for kr_max in (16, 64):
+        monkeypatch.setattr(loha_module, "KHATRI_RAO_MAX", kr_max)
+        adapter.clear_cache()
+        assert adapter._khatri_rao() == (kr_max == 64)
+        for m in (1.0, -0.4):
+            got = merged_forward(adapter, layer, x, m)
+            want = expected if m == 1 else merged_forward(adapter, layer, x, 0.0) + m * (
+                expected - merged_forward(adapter, layer, x, 0.0))
+            assert rel_err(got, want) < 1e-5, (kr_max, m)

@@ -16,8 +16,10 @@ import lycoris_core.algos.base as base
 from lycoris_core import LayerSpec, load_file
 from lycoris_core.algos.base import Adapter
 from lycoris_core.algos.lokr import LoKr
-from oracle import (DTYPE_TOL, LAYER_KINDS, STRENGTHS, bypass_forward, make_layer, merged_forward,
-                    randomize, reference_forward, rel_err, sample_input, to_adapter)
+from oracle import (LAYER_KINDS, NAME, assert_affine_and_bypass, assert_export_like_reference,
+                    assert_half_bypass, assert_half_merge, assert_trainable, bypass_forward,
+                    make_layer, merged_forward, options_id, randomize, reference_forward,
+                    reference_options, reference_pair, rel_err, sample_input, to_adapter)
 
 W1, W1_SPLIT = {"lokr_w1"}, {"lokr_w1_a", "lokr_w1_b"}
 W2, W2_SPLIT = {"lokr_w2"}, {"lokr_w2_a", "lokr_w2_b"}
@@ -62,14 +64,10 @@ def build(kind, name, alpha=2.0):
     opts = dict(opts)
     rank = opts.pop("rank")
     layer = make_layer(kind)
-    ref = LokrModule("lora_unet_test", layer, lora_dim=rank, alpha=alpha, **opts)
-    randomize(ref)
-    if opts.get("weight_decompose"):
-        with torch.no_grad():
-            ref.dora_scale.mul_(1.1)  # a magnitude that differs from ||W||
+    ref, adapter = reference_pair(LokrModule, layer, lora_dim=rank, alpha=alpha, **opts)
     keys = set(ref.state_dict()) - {"alpha", "dora_scale"}
     assert keys == expect, f"{name} on {kind} gives {sorted(keys)}"
-    return layer, ref, to_adapter(ref)
+    return layer, ref, adapter
 
 
 def _case_id(case):
@@ -86,15 +84,7 @@ def test_merge_matches_reference_forward(case):
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_strength_is_affine_and_bypass_matches_merge(case):
     layer, _, adapter = build(*case)
-    w = layer.weight.detach()
-    full = adapter.merge(w, 1.0)
-    x = sample_input(layer)
-    for m in STRENGTHS:
-        merged = adapter.merge(w, m)
-        if m == 0:
-            assert torch.equal(merged, w)
-        assert rel_err(merged, w + m * (full - w)) < 1e-6
-        assert rel_err(bypass_forward(adapter, layer, x, m), merged_forward(adapter, layer, x, m)) < 1e-5
+    assert_affine_and_bypass(adapter, layer, sample_input(layer))
 
 
 @pytest.mark.parametrize("case", NO_DORA, ids=_case_id)
@@ -159,11 +149,7 @@ def test_legacy_4d_w1(w2_layout):
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 def test_merge_in_half_precision(kind, dtype):
     layer, _, adapter = build(kind, "dora_out")
-    w32 = layer.weight.detach()
-    expected = adapter.merge(w32, 0.7)
-    got = adapter.merge(w32.to(dtype), 0.7)
-    assert got.dtype == dtype
-    assert rel_err(got.float(), expected) < DTYPE_TOL[dtype]
+    assert_half_merge(adapter.merge, layer.weight.detach(), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -171,12 +157,7 @@ def test_merge_in_half_precision(kind, dtype):
                                   ("conv3x3", "full_w1-split_w2")], ids=_case_id)
 def test_bypass_in_half_precision(case, dtype):
     layer, _, adapter = build(*case)
-    x = sample_input(layer)
-    expected = bypass_forward(adapter, layer, x, 0.7)
-    layer = layer.to(dtype)
-    got = bypass_forward(adapter, layer, x.to(dtype), 0.7)
-    assert got.dtype == dtype
-    assert rel_err(got.float(), expected) < DTYPE_TOL[dtype]
+    assert_half_bypass(adapter, layer, sample_input(layer), dtype)
 
 
 def test_alpha_scale_applied_once():
@@ -213,7 +194,7 @@ TRAIN_OPTS = [{}, {"decompose_both": True, "factor": 2, "unbalanced_factorizatio
 
 
 def _id(opts):
-    return "-".join(f"{k}={v}" for k, v in opts.items()) or "default"
+    return options_id(opts, "default")
 
 
 @pytest.mark.parametrize("opts", TRAIN_OPTS, ids=_id)
@@ -221,14 +202,7 @@ def _id(opts):
 def test_trainable_starts_at_zero_and_gets_gradients(kind, opts):
     layer = make_layer(kind)
     adapter = LoKr.create(LayerSpec.from_module(layer), rank=4, alpha=2.0, **opts)
-    w = layer.weight.detach()
-    assert torch.allclose(adapter.merge(w, 1.0), w, atol=1e-6)
-    x = sample_input(layer)
-    out = adapter.bypass(x, layer.forward, 1.0, layer)
-    (out.square().sum() + adapter.merge(w, 1.0).sum()).backward()
-    grads = [p.grad for p in adapter.parameters()]
-    assert grads and all(p.requires_grad for p in adapter.parameters())
-    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert_trainable(adapter, layer, sample_input(layer), atol=1e-6)
 
 
 @pytest.mark.parametrize("opts", TRAIN_OPTS, ids=_id)
@@ -236,20 +210,6 @@ def test_trainable_starts_at_zero_and_gets_gradients(kind, opts):
 def test_export_has_reference_layout_and_reloads_identically(kind, opts):
     layer = make_layer(kind)
     adapter = LoKr.create(LayerSpec.from_module(layer), rank=4, alpha=2.0, **opts)
-    ref_opts = {k: v for k, v in opts.items() if k != "dora"}
-    if "dora" in opts:
-        ref_opts.update(weight_decompose=True, wd_on_out=opts["dora"] == "out")
-    ref = LokrModule("lora_unet_test", layer, lora_dim=4, alpha=2.0, **ref_opts)
-    ref_sd = ref.state_dict()
-    randomize(adapter)
-    if adapter.scalar is not None:
-        with torch.no_grad():
-            adapter.scalar.fill_(0.7)  # must be baked into lokr_w1 / lokr_w1_a
-    exported = adapter.export()
-    assert {k: tuple(v.shape) for k, v in exported.items()} == {k: tuple(v.shape) for k, v in ref_sd.items()}
-    assert float(exported["alpha"]) == float(ref_sd["alpha"])  # full+full: alpha = rank
-    reloaded = load_file({f"lora_unet_test.{k}": v for k, v in exported.items()},
-                         strict=True)["lora_unet_test"]
-    w = layer.weight.detach()
-    with torch.no_grad():
-        assert torch.equal(reloaded.merge(w, 0.8), adapter.merge(w, 0.8))
+    ref = LokrModule(NAME, layer, lora_dim=4, alpha=2.0, **reference_options(opts))
+    # a scalar is baked into lokr_w1 / lokr_w1_a; full+full: alpha = rank
+    assert_export_like_reference(adapter, ref, layer)

@@ -7,8 +7,9 @@ from lycoris.modules.locon import LoConModule
 
 from lycoris_core import LayerSpec
 from lycoris_core.algos.lora import LoRA
-from oracle import (DTYPE_TOL, LAYER_KINDS, STRENGTHS, bypass_forward, make_layer, merged_forward,
-                    randomize, reference_forward, rel_err, sample_input, to_adapter)
+from oracle import (LAYER_KINDS, assert_affine_and_bypass, assert_half_merge, assert_trainable,
+                    make_layer, merged_forward, options_id, reference_forward, reference_pair, rel_err,
+                    sample_input)
 
 OPTIONS = [dict(use_tucker=t, weight_decompose=wd, wd_on_out=axis)
            for t, (wd, axis) in itertools.product((False, True), ((False, True), (True, True), (True, False)))]
@@ -16,19 +17,10 @@ OPTIONS = [dict(use_tucker=t, weight_decompose=wd, wd_on_out=axis)
 
 def build(kind, alpha=2.0, rank=4, **opts):
     layer = make_layer(kind)
-    ref = LoConModule("lora_unet_test", layer, lora_dim=rank, alpha=alpha, **opts)
-    randomize(ref)
-    if opts.get("weight_decompose"):
-        with torch.no_grad():
-            ref.dora_scale.mul_(1.1)  # a magnitude that differs from ||W||
-    return layer, ref, to_adapter(ref)
+    return (layer, *reference_pair(LoConModule, layer, lora_dim=rank, alpha=alpha, **opts))
 
 
-def _id(opts):
-    return "-".join(f"{k}={v}" for k, v in opts.items())
-
-
-@pytest.mark.parametrize("opts", OPTIONS, ids=_id)
+@pytest.mark.parametrize("opts", OPTIONS, ids=options_id)
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 def test_merge_matches_reference_forward(kind, opts):
     layer, ref, adapter = build(kind, **opts)
@@ -36,30 +28,18 @@ def test_merge_matches_reference_forward(kind, opts):
     assert rel_err(merged_forward(adapter, layer, x), reference_forward(ref, x)) < 1e-5
 
 
-@pytest.mark.parametrize("opts", OPTIONS, ids=_id)
+@pytest.mark.parametrize("opts", OPTIONS, ids=options_id)
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 def test_strength_is_affine_and_bypass_matches_merge(kind, opts):
     layer, _, adapter = build(kind, **opts)
-    w = layer.weight.detach()
-    full = adapter.merge(w, 1.0)
-    x = sample_input(layer)
-    for m in STRENGTHS:
-        merged = adapter.merge(w, m)
-        if m == 0:
-            assert torch.equal(merged, w)
-        assert rel_err(merged, w + m * (full - w)) < 1e-6
-        assert rel_err(bypass_forward(adapter, layer, x, m), merged_forward(adapter, layer, x, m)) < 1e-5
+    assert_affine_and_bypass(adapter, layer, sample_input(layer))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 def test_merge_in_half_precision(kind, dtype):
     layer, _, adapter = build(kind, weight_decompose=True)
-    w32 = layer.weight.detach()
-    expected = adapter.merge(w32, 0.7)
-    got = adapter.merge(w32.to(dtype), 0.7)
-    assert got.dtype == dtype
-    assert rel_err(got.float(), expected) < DTYPE_TOL[dtype]
+    assert_half_merge(adapter.merge, layer.weight.detach(), dtype)
 
 
 def test_alpha_scale_applied_once():
@@ -71,17 +51,11 @@ def test_alpha_scale_applied_once():
 
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 @pytest.mark.parametrize("opts", [{}, {"use_tucker": True}, {"dora": "out"}, {"dora": "in"},
-                                  {"use_scalar": True}], ids=_id)
+                                  {"use_scalar": True}], ids=options_id)
 def test_trainable_starts_at_zero_and_gets_gradients(kind, opts):
     layer = make_layer(kind)
     adapter = LoRA.create(LayerSpec.from_module(layer), rank=4, alpha=2.0, **opts)
-    w = layer.weight.detach()
-    assert torch.allclose(adapter.merge(w, 1.0), w, atol=1e-6)
-    x = sample_input(layer)
-    out = adapter.bypass(x, layer.forward, 1.0, layer)
-    (out.square().sum() + adapter.merge(w, 1.0).sum()).backward()
-    grads = [p.grad for p in adapter.parameters() if p.requires_grad]
-    assert grads and any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert_trainable(adapter, layer, sample_input(layer), atol=1e-6)
 
 
 @pytest.mark.parametrize("wd_on_out", [True, False])

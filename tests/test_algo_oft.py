@@ -17,25 +17,20 @@ from lycoris_core.algos import oft as oft_module
 from lycoris_core.algos.boft import BOFT
 from lycoris_core.algos.oft import DiagOFT, LegacyDiagOFT
 from lycoris_core.algos.registry import detect
-from oracle import (DTYPE_TOL, LAYER_KINDS, STRENGTHS, bypass_forward, make_layer, merged_forward,
-                    randomize, reference_forward, rel_err, sample_input, to_adapter)
+from oracle import (DTYPE_TOL, LAYER_KINDS, assert_affine_and_bypass, assert_export_is_reference_state,
+                    assert_flat_rescale_reads_alike, assert_half_base_bypass, assert_half_merge,
+                    assert_merged_like_reference, assert_rotates_rows, assert_trainable,
+                    bypass_forward, make_layer, merged_forward, options_id, reference_pair, rel_err,
+                    sample_input)
 
 OPTIONS = [dict(constraint=c, rescaled=r) for c in (0.0, 0.01) for r in (False, True)]
 
 
-def _id(opts):
-    return "-".join(f"{k}={v}" for k, v in opts.items())
-
-
 def build(kind, constraint=0.0, rescaled=False, lora_dim=4):
     layer = make_layer(kind)
-    ref = DiagOFTModule("lora_unet_test", layer, lora_dim=lora_dim, constraint=constraint,
-                        rescaled=rescaled)
-    randomize(ref)  # oft_blocks ~ N(0, 0.1): a clearly non-identity rotation
-    if rescaled:
-        with torch.no_grad():
-            ref.rescale.add_(1.0)  # rescale near 1, as after training
-    return layer, ref, to_adapter(ref)
+    # oft_blocks ~ N(0, 0.1): a clearly non-identity rotation
+    return (layer, *reference_pair(DiagOFTModule, layer, lora_dim=lora_dim, constraint=constraint,
+                                   rescaled=rescaled))
 
 
 def skew_norm(blocks):
@@ -54,35 +49,22 @@ def dense_expected(weight, blocks, constraint=None, strength=1.0):
     return (w + strength * (r.t() @ w - w)).reshape(weight.shape)
 
 
-@pytest.mark.parametrize("opts", OPTIONS, ids=_id)
+@pytest.mark.parametrize("opts", OPTIONS, ids=options_id)
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 def test_merge_matches_reference(kind, opts):
     layer, ref, adapter = build(kind, **opts)
     assert type(adapter) is DiagOFT and adapter.oft_blocks.ndim == 3
     if opts["constraint"]:  # the bound c * O must actually clip Q in this test
         assert skew_norm(ref.oft_blocks.detach()) > opts["constraint"] * layer.weight.shape[0]
-    x = sample_input(layer)
-    assert rel_err(merged_forward(adapter, layer, x), reference_forward(ref, x)) < 1e-5
-    with torch.no_grad():
-        ref_weight = ref.get_merged_weight(1.0)[0]
-    assert rel_err(adapter.merge(layer.weight.detach(), 1.0), ref_weight) < 1e-6
+    assert_merged_like_reference(adapter, ref, layer)
 
 
-@pytest.mark.parametrize("opts", OPTIONS, ids=_id)
+@pytest.mark.parametrize("opts", OPTIONS, ids=options_id)
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 def test_strength_is_affine_and_bypass_matches_merge(kind, opts):
     layer, _, adapter = build(kind, **opts)
     assert layer.bias is not None and layer.bias.abs().sum() > 0  # bypass must keep the bias as is
-    w = layer.weight.detach()
-    full = adapter.merge(w, 1.0)
-    x = sample_input(layer)
-    for m in STRENGTHS:
-        merged = adapter.merge(w, m)
-        if m == 0:
-            assert torch.equal(merged, w)
-            assert torch.equal(bypass_forward(adapter, layer, x, m), layer(x))
-        assert rel_err(merged, w + m * (full - w)) < 1e-6
-        assert rel_err(bypass_forward(adapter, layer, x, m), merged_forward(adapter, layer, x, m)) < 1e-5
+    assert_affine_and_bypass(adapter, layer, sample_input(layer))
 
 
 @pytest.mark.parametrize("rescaled", [False, True])
@@ -120,31 +102,15 @@ def test_bypass_other_conv_layouts():
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 def test_half_precision(kind, dtype):
     layer, _, adapter = build(kind, constraint=0.01, rescaled=True)
-    w32 = layer.weight.detach()
-    expected = adapter.merge(w32, 0.7)
-    got = adapter.merge(w32.to(dtype), 0.7)
-    assert got.dtype == dtype
-    assert rel_err(got.float(), expected) < DTYPE_TOL[dtype]
-    x = sample_input(layer)
-    spec = LayerSpec.from_module(layer)
-    with torch.no_grad():
-        out = adapter.bypass(x.to(dtype), lambda v: spec.op(v, w32.to(dtype), layer.bias.to(dtype)),
-                             0.7, spec)
-    assert out.dtype == dtype
-    assert rel_err(out.float(), merged_forward(adapter, layer, x, 0.7)) < 4 * DTYPE_TOL[dtype]
+    assert_half_merge(adapter.merge, layer.weight.detach(), dtype)
+    assert_half_base_bypass(adapter, layer, sample_input(layer), dtype)
 
 
 @pytest.mark.parametrize("constraint", [0.0, 0.01])
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 def test_orthogonal_at_strength_one(kind, constraint):
     layer, _, adapter = build(kind, constraint=constraint)
-    w = layer.weight.detach()
-    merged = adapter.merge(w, 1.0)
-    assert rel_err(merged, w) > 1e-2  # really rotated
-    # a rotation of the rows keeps every column's norm (and so the Frobenius norm)
-    cols = w.reshape(w.shape[0], -1).norm(dim=0)
-    assert rel_err(merged.reshape(w.shape[0], -1).norm(dim=0), cols) < 1e-6
-    assert abs(float(merged.norm() / w.norm()) - 1) < 1e-6
+    assert_rotates_rows(adapter, layer.weight.detach())
 
 
 def test_kohya_layout():
@@ -198,11 +164,7 @@ def test_legacy_oft_diag_raw_delta_form():
 def test_legacy_1d_rescale():
     """Feb 2024 files store rescale as (O,): read per output channel, like the O x 1 x 1 x 1 form."""
     layer, ref, adapter = build("conv3x3", constraint=0.01, rescaled=True)
-    sd = {f"m.{k}": v.detach().clone() for k, v in ref.state_dict().items()}
-    sd["m.rescale"] = sd["m.rescale"].reshape(-1)
-    old = load_file(sd, strict=True)["m"]
-    w = layer.weight.detach()
-    assert rel_err(old.merge(w, 1.0), adapter.merge(w, 1.0)) < 1e-7
+    old = assert_flat_rescale_reads_alike(adapter, ref, layer)
     assert old.export()["rescale"].shape == (40,)  # kept as stored
 
 
@@ -263,14 +225,7 @@ def test_streaming_merge_computes_rotation_once(monkeypatch):
 
 def test_round_trip_and_export_layout():
     layer, ref, adapter = build("conv3x3", constraint=0.01, rescaled=True)
-    exported = adapter.export()
-    reference = ref.state_dict()
-    assert exported.keys() == reference.keys()
-    for k, v in reference.items():
-        assert exported[k].dtype == v.dtype and torch.equal(exported[k], v), k
-    again = load_file({f"m.{k}": v for k, v in exported.items()}, strict=True)["m"]
-    w = layer.weight.detach()
-    assert torch.equal(again.merge(w, 0.7), adapter.merge(w, 0.7))
+    assert_export_is_reference_state(adapter, ref, layer)
     assert all(v.dtype == torch.float16 for v in adapter.export(torch.float16).values())
 
 
@@ -284,13 +239,5 @@ def test_trainable_starts_at_identity_and_gets_gradients(kind, rescaled):
     exported = adapter.export()
     assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in ref.state_dict().items()}
     assert float(exported["alpha"]) == pytest.approx(1e-3)
-    w = layer.weight.detach()
-    assert torch.equal(adapter.merge(w, 1.0), w)
-    x = sample_input(layer)
-    assert torch.equal(bypass_forward(adapter, layer, x, 1.0), layer(x).detach())
-    out = adapter.bypass(x, layer.forward, 1.0, layer)
-    (out.square().sum() + adapter.merge(w, 1.0).square().sum()).backward()
-    params = [p for p in adapter.parameters() if p.requires_grad]
+    params = assert_trainable(adapter, layer, sample_input(layer), each=True)
     assert len(params) == (2 if rescaled else 1)
-    for p in params:
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0

@@ -7,6 +7,9 @@ the trainable scalar, strength 0, dtype handling and row-chunked merging live he
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import ClassVar
 
 import torch
@@ -18,6 +21,60 @@ from ..layer import LayerSpec
 FP32 = torch.float32
 CHUNK_ELEMENTS = 1 << 19  # rows are merged in ~2 MB fp32 chunks: cache friendly, no full fp32 copy
 DORA_EPS = torch.finfo(torch.float32).eps
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+_LOCAL = threading.local()  # `worker` is set on the pool's own threads
+
+
+def _chunk_pool() -> ThreadPoolExecutor | None:
+    """One worker per intra-op thread, each running its torch ops single-threaded (None when
+    torch uses one thread). Chunks are independent, so the workers never wait for each other:
+    on a busy machine one descheduled worker does not stall the other, where every multi-threaded
+    op of a serial loop ends in a barrier that waits for its slowest thread (up to a scheduler
+    time slice per op, which dominated merges of many small chunks)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            threads = torch.get_num_threads()
+            if threads < 2:
+                return None
+            started = threading.Barrier(threads)
+
+            def init() -> None:
+                torch.get_num_threads()  # torch's once-per-thread init first, or it undoes the next
+                torch.set_num_threads(1)  # this worker's OpenMP/MKL settings (thread-local)
+                _LOCAL.worker = True
+                started.wait()  # all workers exist before the process default is restored
+
+            pool = ThreadPoolExecutor(threads, thread_name_prefix="lycoris-merge", initializer=init)
+            wait([pool.submit(int) for _ in range(threads)])
+            torch.set_num_threads(threads)  # set_num_threads also moved the process default
+            _POOL = pool
+    return _POOL
+
+
+def run_chunks(fn: Callable[[object], None], items: Iterable, device: torch.device) -> None:
+    """`fn(item)` for every item, on the chunk pool for CPU tensors (inline on other devices,
+    for a single item and inside a worker); returns when all are done, raising the first error."""
+    items = list(items)
+    pool = None
+    if device.type == "cpu" and len(items) > 1 and not getattr(_LOCAL, "worker", False):
+        pool = _chunk_pool()
+    if pool is None:
+        for item in items:
+            fn(item)
+        return
+    inference = torch.is_inference_mode_enabled()  # thread-local: the host patches in inference mode
+
+    def run(item) -> None:
+        with torch.inference_mode(inference), torch.no_grad():
+            fn(item)
+
+    futures = [pool.submit(run, item) for item in items]
+    wait(futures)
+    for future in futures:
+        future.result()
 
 
 def scalar_value(t: torch.Tensor | float | int | None, *, file: str | None, key: str) -> float | None:
@@ -48,6 +105,9 @@ class Adapter(nn.Module):
     supports_dora: ClassVar[bool] = False
     # merge in row chunks of this many rows (0: the diff needs the whole weight at once)
     row_block: int = 1
+    # chunks hold up to chunk_factor * CHUNK_ELEMENTS elements: algorithms whose merge kernel
+    # needs no temporaries (one in-place addmm / addcmul) take larger chunks
+    chunk_factor: ClassVar[int] = 1
 
     def __init__(self) -> None:
         super().__init__()
@@ -62,8 +122,9 @@ class Adapter(nn.Module):
     # ----- what a subclass provides -------------------------------------------------------
     @classmethod
     def claims(cls, shapes: dict[str, tuple[int, ...]]) -> bool:
-        """True when these file suffixes (with shapes) are this algorithm's."""
-        raise NotImplementedError
+        """True when these file suffixes (with shapes) are this algorithm's; by default, when any
+        of its `keys` is present."""
+        return any(suffix in shapes for suffix in cls.keys)
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], *, name: str = "",
@@ -220,25 +281,62 @@ class Adapter(nn.Module):
         out = weight if inplace else torch.empty_like(weight)
         rows_total = weight.shape[0]
         row_elems = max(1, weight[0].numel())
-        step = max(self.row_block, (CHUNK_ELEMENTS // row_elems) // self.row_block * self.row_block)
+        budget = CHUNK_ELEMENTS * self.chunk_factor
+        step = max(self.row_block, (budget // row_elems) // self.row_block * self.row_block)
+        def chunk(start: int) -> None:
+            rows = slice(start, min(start + step, rows_total))
+            if weight.dtype == FP32:
+                self.merge_rows(weight[rows], rows, p, strength, out[rows])
+            else:
+                scratch = weight[rows].to(FP32)
+                self.merge_rows(scratch, rows, p, strength, scratch)
+                out[rows] = scratch
+
         with torch.no_grad():
-            for start in range(0, rows_total, step):
-                rows = slice(start, min(start + step, rows_total))
-                if weight.dtype == FP32:
-                    self.merge_rows(weight[rows], rows, p, strength, out[rows])
-                else:
-                    scratch = weight[rows].to(FP32)
-                    self.merge_rows(scratch, rows, p, strength, scratch)
-                    out[rows] = scratch
+            self.prepare_merge(p, strength)
+            run_chunks(chunk, range(0, rows_total, step), weight.device)
         return out
+
+    def prepare_merge(self, p: dict, strength: float) -> None:
+        """Add to the prepared factors what every chunk of a merge at this strength shares
+        (called once per merge, before the chunks run, possibly in parallel)."""
 
     def merge_rows(self, w: torch.Tensor, rows: slice, p: dict, strength: float,
                    dest: torch.Tensor) -> None:
         """Write fp32 `w + m * D(w)` for these rows into `dest` (which may alias `w`).
 
-        Algorithms with a fused kernel (LoRA: one addmm) override this to skip the temporary D.
+        Without DoRA this is `add_delta`; output-axis DoRA is fused around it (the input axis
+        needs whole columns and is merged unchunked).
         """
-        torch.add(w, self.full_diff(w, rows, p), alpha=strength, out=dest)
+        if self.dora_scale is None:
+            self.add_delta(w, rows, p, strength, dest)
+            return
+        if self.dora_axis != "out":
+            torch.add(w, self.full_diff(w, rows, p), alpha=strength, out=dest)
+            return
+        # W(m) = W + m (f (W + dW) - W) = (1 - m) W + m f (W + dW), with f = d / ||W + dW|| per row
+        in_place = dest.data_ptr() == w.data_ptr()
+        merged = dest if strength == 1 or not in_place else torch.empty_like(w)
+        self.add_delta(w, rows, p, 1.0, merged)
+        flat = merged.reshape(merged.shape[0], -1)
+        mag = self.dora_scale.to(w.device, FP32).reshape(-1)[rows]
+        factor = (mag / (flat.norm(dim=1) + DORA_EPS)).reshape((-1,) + (1,) * (w.ndim - 1))
+        if strength == 1:
+            merged.mul_(factor)
+            if merged is not dest:
+                dest.copy_(merged)
+            return
+        merged.mul_(factor * strength)
+        torch.add(merged, w, alpha=1 - strength, out=dest)
+
+    def add_delta(self, w: torch.Tensor, rows: slice, p: dict, alpha: float,
+                  dest: torch.Tensor) -> None:
+        """Write fp32 `w + alpha * D(w)` (no DoRA) for these rows into `dest` (may alias `w`).
+
+        Algorithms with a fused kernel (LoRA: one addmm, LoHa: one addcmul) override this to
+        skip the temporary D.
+        """
+        torch.add(w, self.diff(w, rows, p), alpha=alpha, out=dest)
 
     def merge_bias(self, bias: torch.Tensor | None, strength: float = 1.0) -> torch.Tensor | None:
         """The patched bias; most algorithms leave it alone."""
@@ -264,7 +362,7 @@ class Adapter(nn.Module):
 
     def bypass_plain(self, x, y, strength, layer, p):
         """`y + m * D(W) x` for additive algorithms; output/input transforms override this."""
-        return y + strength * self.delta_forward(x, layer, p)
+        return torch.add(y, self.delta_forward(x, layer, p), alpha=strength)  # one kernel, no m * h pass
 
     def _layer(self, layer) -> LayerSpec:
         if isinstance(layer, LayerSpec):

@@ -7,11 +7,22 @@ import torch
 
 from ..layer import LayerSpec
 from .base import FP32, Adapter
-from .ops import check_dim, flat_in_dim, require, reshape_to, tucker
+from .ops import check_dim, dora_in_dim, require, reshape_to, tucker
 from .registry import register
 
 # (a, b, core) attribute names of the two Hadamard factors
 PAIRS = (("w1a", "w1b", "t1"), ("w2a", "w2b", "t2"))
+# merge through the Khatri-Rao product (one GEMM with K = r1 * r2) up to this K; above it, two
+# rank-r GEMMs per row chunk and a fused multiply-add are cheaper
+KHATRI_RAO_MAX = 32
+
+
+def _khatri_rao_factors(p: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A1 ⊙r A2, B1 ⊙c B2): row-wise and column-wise Khatri-Rao products of the factors."""
+    a1, a2, b1, b2 = p["A1"], p["A2"], p["B1"], p["B2"]
+    ka = (a1[:, :, None] * a2[:, None, :]).reshape(a1.shape[0], -1)
+    kb = (b1[:, None, :] * b2[None, :, :]).reshape(-1, b1.shape[1])
+    return ka, kb
 
 
 @register
@@ -22,10 +33,6 @@ class LoHa(Adapter):
     first_factor = "w1a"
     supports_dora = True
     row_block = 1  # every output row of dW needs only the same rows of the `_a` factors
-
-    @classmethod
-    def claims(cls, shapes):
-        return any(suffix in shapes for suffix in cls.keys)
 
     @classmethod
     def from_tensors(cls, tensors, *, name="", file=None):
@@ -54,8 +61,7 @@ class LoHa(Adapter):
                   "row width of the second product vs the first", file=file, key=f"{name}.hada_w2_b")
         self.alpha = None
         shape = self.target_shape
-        in_dim = shape[1] if len(shape) > 2 else flat_in_dim(shape[1], tensors.get("dora_scale"))
-        self.load_dora(tensors, shape[0], in_dim)
+        self.load_dora(tensors, shape[0], dora_in_dim(shape, tensors.get("dora_scale")))
         return self
 
     def _product_shape(self, j: int) -> tuple[int, ...]:
@@ -94,14 +100,33 @@ class LoHa(Adapter):
     def diff(self, weight, rows, p):
         return reshape_to(self._delta(p, rows), tuple(weight.shape), file=self.file, key=self.name)
 
-    def merge_rows(self, w, rows, p, strength, dest):
-        if self.dora_scale is not None:
-            return super().merge_rows(w, rows, p, strength, dest)
+    @property
+    def chunk_factor(self):  # the Khatri-Rao form needs no temporaries: larger chunks
+        return 4 if self._khatri_rao() and self.dora_scale is None else 1
+
+    def _khatri_rao(self) -> bool:
+        inner = [(t if t is not None else b).shape[0]
+                 for b, t in ((self.w1b, self.t1), (self.w2b, self.t2))]
+        return inner[0] * inner[1] <= KHATRI_RAO_MAX
+
+    def prepare_merge(self, p, strength):
+        if self._khatri_rao() and "_kr" not in p:
+            p["_kr"] = _khatri_rao_factors(p)
+
+    def add_delta(self, w, rows, p, alpha, dest):
+        w2, d2 = w.reshape(w.shape[0], -1), dest.reshape(dest.shape[0], -1)
+        if self._khatri_rao():
+            # (A1 B1) ⊙ (A2 B2) = (A1 ⊙r A2)(B1 ⊙c B2): one in-place addmm with K = r1 * r2
+            kr = p.get("_kr") or _khatri_rao_factors(p)
+            if d2.data_ptr() == w2.data_ptr():
+                d2.addmm_(kr[0][rows], kr[1], alpha=alpha)
+            else:
+                torch.addmm(w2, kr[0][rows], kr[1], alpha=alpha, out=d2)
+            return
         # one fused multiply-add into the destination instead of a temporary dW block
         first = p["A1"][rows] @ p["B1"]
         second = p["A2"][rows] @ p["B2"]
-        w2, d2 = w.reshape(w.shape[0], -1), dest.reshape(dest.shape[0], -1)
-        torch.addcmul(w2, first, second, value=strength, out=d2)
+        torch.addcmul(w2, first, second, value=alpha, out=d2)
 
     def delta_forward(self, x, layer: LayerSpec, p):
         # no cheaper exact path exists for a Hadamard product: build dW once, in x's dtype

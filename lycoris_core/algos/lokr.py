@@ -8,7 +8,7 @@ import torch
 from ..errors import LycorisError, LycorisShapeError
 from ..layer import LayerSpec
 from .base import FP32, Adapter
-from .ops import check_dim, factorization, flat_in_dim, kaiming_, require, reshape_to, tucker
+from .ops import check_dim, dora_in_dim, factorization, kaiming_, require, reshape_to, tucker
 from .registry import register
 
 
@@ -21,10 +21,6 @@ class LoKr(Adapter):
     supports_dora = True
 
     @classmethod
-    def claims(cls, shapes):
-        return any(suffix in shapes for suffix in cls.keys)
-
-    @classmethod
     def from_tensors(cls, tensors, *, name="", file=None):
         self = cls()
         self.name, self.file = name, file
@@ -35,8 +31,7 @@ class LoKr(Adapter):
         self.row_block = self._w2_shape()[0]
         self.alpha = None
         shape = self.target_shape
-        in_dim = shape[1] if len(shape) > 2 else flat_in_dim(shape[1], tensors.get("dora_scale"))
-        self.load_dora(tensors, shape[0], in_dim)
+        self.load_dora(tensors, shape[0], dora_in_dim(shape, tensors.get("dora_scale")))
         return self
 
     def _load_w1(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -138,6 +133,26 @@ class LoKr(Adapter):
         block = torch.kron(part.reshape(part.shape + (1,) * (w2.ndim - 2)), w2)
         block = block[start - i0 * out_k: stop - i0 * out_k]
         return reshape_to(block, tuple(weight.shape), file=self.file, key=self.name)
+
+    @property
+    def chunk_factor(self):  # one broadcast multiply-add, no temporaries: larger chunks
+        return 1 if self.dora_scale is not None else 4
+
+    def add_delta(self, w, rows, p, alpha, dest):
+        # W1 ⊗ W2 never built: with the rows viewed as (out_l, out_k) and the flattened columns as
+        # (in_m, in_n * k...), the block is a broadcast product, fused into one multiply-add
+        w1, w2 = p["W1"], p["W2"]
+        (out_l, in_m), out_k = w1.shape[:2], w2.shape[0]
+        width = w2[0].numel()
+        n = w.shape[0]
+        if (rows.start % out_k or n % out_k or w[0].numel() != in_m * width
+                or dest.shape != w.shape):
+            return super().add_delta(w, rows, p, alpha, dest)  # unaligned rows: build the block
+        i0 = rows.start // out_k
+        shape = (n // out_k, out_k, in_m, width)
+        a = w1[i0:i0 + n // out_k].reshape(n // out_k, 1, in_m, 1)
+        b = w2.reshape(1, out_k, 1, width)
+        torch.addcmul(w.reshape(shape), a, b, value=alpha, out=dest.view(shape))
 
     def delta_forward(self, x, layer: LayerSpec, p):
         # dW x without the Kronecker product: view the input as in_m x in_n, apply W2 to the

@@ -72,14 +72,16 @@ class LoRA(Adapter):
         up = p["up_mat"] if rows is None else p["up_mat"][rows]
         return (up @ p["down_mat"]).reshape(weight.shape)
 
-    def merge_rows(self, w, rows, p, strength, dest):
-        if self.dora_scale is not None:
-            return super().merge_rows(w, rows, p, strength, dest)
+    @property
+    def chunk_factor(self):  # one in-place addmm, no temporaries: larger chunks
+        return 1 if self.dora_scale is not None else 4
+
+    def add_delta(self, w, rows, p, alpha, dest):
         w2, d2 = w.reshape(w.shape[0], -1), dest.reshape(dest.shape[0], -1)
         if d2.data_ptr() == w2.data_ptr():
-            d2.addmm_(p["up_mat"][rows], p["down_mat"], alpha=strength)
+            d2.addmm_(p["up_mat"][rows], p["down_mat"], alpha=alpha)
         else:
-            torch.addmm(w2, p["up_mat"][rows], p["down_mat"], alpha=strength, out=d2)
+            torch.addmm(w2, p["up_mat"][rows], p["down_mat"], alpha=alpha, out=d2)
 
     def delta_forward(self, x, layer: LayerSpec, p):
         if layer.kind == "linear":

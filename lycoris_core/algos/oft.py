@@ -161,13 +161,18 @@ class DiagOFT(OrthogonalAdapter):
     def from_tensors(cls, tensors, *, name="", file=None):
         self = cls()
         self.name, self.file = name, file
-        blocks = require(tensors, "oft_blocks", name=name, file=file)
-        n, b, b2 = blocks.shape
-        check_dim(b2, b, "oft_blocks blocks must be square", file=file, key=f"{name}.oft_blocks")
-        self.out_dim = n * b
-        self.set_tensor("oft_blocks", blocks)
+        self._load_blocks(tensors, "oft_blocks")
         self._load_shared(tensors)
         return self
+
+    def _load_blocks(self, tensors: dict[str, torch.Tensor], suffix: str) -> torch.Tensor:
+        """Read the square n x b x b blocks stored under `suffix`: they rotate n * b output channels."""
+        blocks = require(tensors, suffix, name=self.name, file=self.file)
+        n, b, b2 = blocks.shape
+        check_dim(b2, b, f"{suffix} blocks must be square", file=self.file, key=f"{self.name}.{suffix}")
+        self.out_dim = n * b
+        self.set_tensor(suffix, blocks)
+        return blocks
 
     @property
     def block_size(self) -> int:
@@ -201,6 +206,36 @@ class DiagOFT(OrthogonalAdapter):
         if scale is not None:
             new = new * scale.reshape(r.shape[0], b, 1)
         return (new - w).reshape(weight.shape)
+
+    def prepare_merge(self, p, strength):
+        p["_blend"] = self._blend(p, strength)
+
+    def _blend(self, p: dict, alpha: float) -> tuple[float, torch.Tensor]:
+        """(alpha, M) with M_k = alpha diag(s_k) R_k^T + (1 - alpha) I for every block k."""
+        r, b = p["r"], self.block_size
+        m = r.transpose(1, 2) * alpha
+        scale = p.get("rescale")
+        if scale is not None:
+            m = m * scale.reshape(r.shape[0], b, 1)
+        m = m + torch.eye(b, device=r.device, dtype=FP32) * (1 - alpha)
+        return alpha, m.contiguous()
+
+    def add_delta(self, w, rows, p, alpha, dest):
+        # W(m) = W + m (s R^T W - W) blockwise = M_k W_k with M_k = m diag(s_k) R_k^T + (1 - m) I:
+        # one batched matmul per chunk instead of rotate, rescale, subtract and add
+        b = self.block_size
+        if rows.start % b or w.shape[0] % b:
+            return super().add_delta(w, rows, p, alpha, dest)  # raises: unaligned rows
+        blend = p.get("_blend")
+        if blend is None or blend[0] != alpha:
+            blend = self._blend(p, alpha)
+        k0 = rows.start // b
+        count = w.shape[0] // b
+        w3 = w.reshape(count, b, -1)
+        if dest.data_ptr() == w.data_ptr():
+            dest.view(count, b, -1).copy_(torch.bmm(blend[1][k0:k0 + count], w3))
+        else:
+            torch.bmm(blend[1][k0:k0 + count], w3, out=dest.view(count, b, -1))
 
     def rotate(self, v, p):
         r = p["r"].to(v.dtype)
@@ -249,12 +284,8 @@ class LegacyDiagOFT(DiagOFT):
     def from_tensors(cls, tensors, *, name="", file=None):
         self = cls()
         self.name, self.file = name, file
-        blocks = require(tensors, "oft_diag", name=name, file=file)
-        n, b, b2 = blocks.shape
-        check_dim(b2, b, "oft_diag blocks must be square", file=file, key=f"{name}.oft_diag")
-        self.out_dim = n * b
-        self.set_tensor("oft_diag", blocks)
-        row_rms = float(blocks.to(FP32).norm()) / math.sqrt(n * b)
+        blocks = self._load_blocks(tensors, "oft_diag")
+        row_rms = float(blocks.to(FP32).norm()) / math.sqrt(self.out_dim)
         self.raw_delta = row_rms < 0.5
         if self.raw_delta:
             warn(f"legacy oft_diag blocks have RMS row norm {row_rms:.3g} (near 0, where rotation "

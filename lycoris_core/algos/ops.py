@@ -70,9 +70,13 @@ def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
     return (m, n) if m <= n else (n, m)
 
 
-def flat_in_dim(width: int, dora: torch.Tensor | None) -> int:
-    """Input size behind a factor whose rows are a flattened `I·K`: a conv-shaped input-axis
-    dora_scale (`1×I×1…`) names `I`; otherwise the row width itself is the best we know."""
+def dora_in_dim(shape: tuple[int, ...], dora: torch.Tensor | None) -> int:
+    """Input size that an input-axis dora_scale of a weight of `shape` must match: `I` of a conv
+    shape; of a flat `O × I·K` shape, the `I` a conv-shaped dora_scale (`1×I×1…`) names, or
+    else the row width itself, the best we know."""
+    width = shape[1]
+    if len(shape) > 2:
+        return width
     conv_in_axis = dora is not None and dora.ndim > 2 and dora.shape[0] == 1 and dora.shape[1] > 0
     if conv_in_axis and width % dora.shape[1] == 0:
         return dora.shape[1]

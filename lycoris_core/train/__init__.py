@@ -1,0 +1,21 @@
+"""Training LyCORIS adapters on any torch module tree: targets, attachment, optimisation loop.
+
+    targets = select_targets(Root(unet), "attn-mlp")
+    built = create_adapters(targets, "lokr", rank=8, alpha=4, factor=8)
+    trainer = Trainer(built.adapters, steps=100, lr=1e-4)
+    with attached(built.pairs(), regularizer=Dropout(rank_dropout=0.1)):
+        for batch in data:
+            trainer.step(lambda: loss_of(batch))
+    freeze(built.adapters); save_file(built.adapters, "out.safetensors", metadata)
+"""
+from .attach import attached, autograd_safe, checkpoint_blocks, checkpointed, frozen
+from .build import (Built, create_adapters, default_kinds, freeze, layer_kinds, resume_adapters, trainable_algorithms,
+                    trainable_copy)
+from .loop import OPTIMIZERS, SCHEDULES, Dropout, Trainer, lr_factor, make_optimizer, param_groups
+from .targets import PRESETS, Preset, Root, Target, kohya_name, select_targets
+
+__all__ = ["Built", "Dropout", "OPTIMIZERS", "PRESETS", "Preset", "Root", "SCHEDULES", "Target",
+           "Trainer", "attached", "autograd_safe", "checkpoint_blocks", "checkpointed",
+           "create_adapters", "default_kinds", "freeze", "frozen", "kohya_name", "layer_kinds", "lr_factor", "make_optimizer",
+           "param_groups", "resume_adapters", "select_targets", "trainable_algorithms",
+           "trainable_copy"]

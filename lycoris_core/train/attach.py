@@ -1,0 +1,161 @@
+"""Run adapters around layers without touching their weights, and checkpoint blocks for training.
+
+`attached` replaces each target module's `forward` (an instance attribute, so the class and every
+other instance are untouched) by the adapter's bypass around the original forward, and puts the
+original back on exit. The base weight is only read, never written, so frozen fp16/bf16 bases,
+fp8 and other quantised layers whose own forward dequantises all work; the host's own forward
+(weight casting, offloading) still runs for the base path.
+
+`autograd_safe` makes tensors created under `torch.inference_mode()` (as a host that loads models
+inside inference mode produces) usable by autograd, once, with the same values; `frozen` keeps the
+base model's parameters out of autograd while training. Adapters that read the dense weight in
+bypass (DoRA's norm; the dense fallback of unusual layouts) take `module.weight` as the host stores
+it, so there it must be a plain float tensor (fp8 is upcast; packed quantised formats are not).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from ..algos import Adapter
+from ..layer import LayerSpec
+
+_MISSING = object()
+
+
+def _install(module: nn.Module, forward) -> object:
+    """Set an instance-level forward; return what was there before (or _MISSING)."""
+    previous = module.__dict__.get("forward", _MISSING)
+    module.forward = forward
+    return previous
+
+
+def _restore(module: nn.Module, previous: object) -> None:
+    if previous is _MISSING:
+        module.__dict__.pop("forward", None)
+    else:
+        module.forward = previous
+
+
+def _bypass_forward(module: nn.Module, adapter: Adapter, strength: float, regularizer):
+    original = module.forward
+    spec = LayerSpec.from_module(module)
+
+    def forward(x, *args, **kwargs):
+        base = original if not (args or kwargs) else (lambda t: original(t, *args, **kwargs))
+        # the host may swap the parameter objects (device moves, lowvram): read them per call
+        spec.weight = getattr(module, "weight", None)
+        spec.bias = getattr(module, "bias", None)
+        if regularizer is not None and regularizer.active and torch.is_grad_enabled():
+            return regularizer.forward(x, base, adapter, strength, spec)
+        return adapter.bypass(x, base, strength, spec)
+
+    return forward
+
+
+@contextmanager
+def attached(pairs: Iterable[tuple[nn.Module, Adapter]], *, strength: float = 1.0,
+             regularizer=None) -> Iterator[None]:
+    """Within the block, each module computes `adapter.bypass(x, original forward, strength)`.
+
+    `regularizer` (e.g. `loop.Dropout`) is applied while grad is enabled. Modules are restored on
+    exit, also after an exception; nest with other forward wrappers in LIFO order.
+    """
+    done: list[tuple[nn.Module, object]] = []
+    seen: set[int] = set()
+    try:
+        for module, adapter in pairs:
+            if id(module) in seen:
+                raise ValueError(f"module {type(module).__name__} given twice ({adapter.name})")
+            seen.add(id(module))
+            done.append((module, _install(module, _bypass_forward(module, adapter, strength, regularizer))))
+        yield
+    finally:
+        for module, previous in reversed(done):
+            _restore(module, previous)
+
+
+def checkpoint_blocks(root: nn.Module) -> list[nn.Module]:
+    """The outermost modules with parameters below `root`, looking through containers.
+
+    ModuleList, ModuleDict and Sequential (including subclasses such as an LDM UNet's
+    TimestepEmbedSequential, whose forward the UNet does not call) are opened; everything else
+    with parameters is a block.
+    """
+    blocks = []
+    for child in root.children():
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
+            blocks.extend(checkpoint_blocks(child))
+        elif any(True for _ in child.parameters()):
+            blocks.append(child)
+    return blocks
+
+
+def _checkpointed_forward(module: nn.Module):
+    original = module.forward
+
+    def forward(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return original(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(original, *args, use_reentrant=False, **kwargs)
+
+    return forward
+
+
+@contextmanager
+def checkpointed(blocks: Iterable[nn.Module]) -> Iterator[None]:
+    """Within the block, `blocks` recompute their activations in backward (non-reentrant
+    checkpointing, RNG state replayed, so dropout masks match). Restored on exit."""
+    done: list[tuple[nn.Module, object]] = []
+    try:
+        for module in blocks:
+            done.append((module, _install(module, _checkpointed_forward(module))))
+        yield
+    finally:
+        for module, previous in reversed(done):
+            _restore(module, previous)
+
+
+@contextmanager
+def frozen(*roots: nn.Module) -> Iterator[None]:
+    """Within the block, no parameter below `roots` requires grad (the base model: autograd then
+    stops at the earliest adapter instead of computing weight gradients for every layer); the
+    previous flags are restored on exit."""
+    params = [p for root in roots for p in root.parameters()]
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+def autograd_safe(*roots: nn.Module) -> int:
+    """Replace inference-mode parameters and buffers below `roots` by normal copies (same values,
+    same names, new Parameter objects); return how many were replaced.
+
+    Tensors made under `torch.inference_mode()` cannot be saved for backward, and a frozen layer
+    saves its weight to pass gradients on to earlier adapters. Call outside inference mode.
+    """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("autograd_safe must run outside torch.inference_mode()")
+    count = 0
+    with torch.no_grad():
+        for root in roots:
+            for module in root.modules():
+                for name, p in list(module.named_parameters(recurse=False)):
+                    if p.is_inference():
+                        # a new Parameter: setting `.data` leaves the object flagged as inference
+                        module._parameters[name] = nn.Parameter(p.data.clone(), requires_grad=p.requires_grad)
+                        count += 1
+                for name, b in list(module.named_buffers(recurse=False)):
+                    if b is not None and b.is_inference():
+                        module._buffers[name] = b.clone()
+                        count += 1
+    return count

@@ -1,0 +1,181 @@
+"""Fresh trainable adapters for selected layers, and trainable copies of saved ones (resume).
+
+Works over the algorithm registry: an algorithm is trainable when its class has a `create`
+classmethod, and the layer kinds it trains are found by asking `create` for a tiny layer of each
+kind, so new algorithms need no change here.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..algos import REGISTRY, Adapter
+from ..errors import LycorisError
+from ..layer import LayerSpec
+from .targets import Target
+
+_PROBES = {
+    "linear": lambda: LayerSpec("linear", (16, 16), weight=torch.ones(16, 16)),
+    "conv": lambda: LayerSpec("conv", (16, 16, 3, 3), (1, 1), (1, 1), (1, 1), 1, torch.ones(16, 16, 3, 3)),
+    "norm": lambda: LayerSpec("norm", (16,), weight=torch.ones(16), bias=torch.zeros(16),
+                              norm_type="layer"),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _kinds_of(cls: type) -> tuple[str, ...]:
+    kinds = []
+    for kind, spec in _PROBES.items():
+        try:
+            cls.create(spec(), **_accepted(cls, {"rank": 4}))
+        except Exception:  # noqa: BLE001  (a probe: any refusal means "not this kind")
+            continue
+        kinds.append(kind)
+    return tuple(kinds)
+
+
+def layer_kinds(algo: str) -> tuple[str, ...]:
+    """The layer kinds ("linear", "conv", "norm") that `algo` can train; empty if none."""
+    cls = REGISTRY.get(algo)
+    if cls is None:
+        raise LycorisError(f"unknown algorithm {algo!r} (known: {', '.join(sorted(REGISTRY))})")
+    if not callable(getattr(cls, "create", None)):
+        return ()
+    return _kinds_of(cls)
+
+
+def default_kinds(algo: str) -> tuple[str, ...]:
+    """The layer kinds to select for `algo`: Linear/Conv when it trains them, else norm layers
+    (norms are trained only by algorithms made for nothing else, as LyCORIS's `norm`)."""
+    kinds = layer_kinds(algo)
+    return tuple(k for k in kinds if k != "norm") or kinds
+
+
+def trainable_algorithms() -> list[str]:
+    """Registered algorithms that can be trained, in registry order."""
+    return [name for name in REGISTRY if layer_kinds(name)]
+
+
+def _accepted(cls: type, options: Mapping[str, object]) -> dict[str, object]:
+    """The subset of `options` that `cls.create` takes (by keyword)."""
+    params = inspect.signature(cls.create).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(options)
+    return {k: v for k, v in options.items() if k in params and k not in ("layer", "dtype")}
+
+
+@dataclass
+class Built:
+    """What `create_adapters` made: name -> adapter, name -> module, and options each algorithm ignored."""
+
+    adapters: dict[str, Adapter]
+    modules: dict[str, nn.Module]
+    ignored: dict[str, list[str]] = field(default_factory=dict)
+
+    def pairs(self) -> list[tuple[nn.Module, Adapter]]:
+        return [(self.modules[n], a) for n, a in self.adapters.items()]
+
+
+def create_adapters(targets: Iterable[Target], algo: str, rank: int = 4, alpha: float | None = None, *,
+                    conv_rank: int | None = None, conv_alpha: float | None = None,
+                    device: torch.device | str | None = None, **options) -> Built:
+    """A fresh adapter of `algo` (standard init, dW = 0, fp32, requires_grad) for every target.
+
+    Convs with a spatial kernel use `conv_rank`/`conv_alpha` (default: the linear values). Options
+    an algorithm's `create` does not take (e.g. `factor` for LoRA) are dropped and listed in
+    `Built.ignored["options"]`; `None` options are left to the algorithm's default. Targets of a
+    kind the algorithm cannot train are skipped (`ignored["layer kind"]`), and so are layers whose
+    `create` refuses these settings (`ignored["cannot create"]`, with the reason; e.g. BOFT needs a
+    block size that splits the channels). Raises when no adapter at all could be made.
+    """
+    cls = REGISTRY.get(algo)
+    if cls is None or not layer_kinds(algo):
+        raise LycorisError(f"algorithm {algo!r} cannot be trained (trainable: "
+                           f"{', '.join(trainable_algorithms())})")
+    kinds = layer_kinds(algo)
+    given = {k: v for k, v in options.items() if v is not None}
+    accepted = _accepted(cls, {"rank": rank, "alpha": alpha, **given})
+    ignored = {"options": sorted(k for k in given if k not in accepted)}
+    skipped: list[str] = []
+    unfit: list[str] = []
+    built = Built({}, {}, ignored)
+    for t in targets:
+        if t.kind not in kinds:
+            skipped.append(t.name)
+            continue
+        spec = LayerSpec.from_module(t.module)
+        kw = dict(accepted)
+        if t.kernel_is_spatial:
+            if "rank" in kw and conv_rank:
+                kw["rank"] = conv_rank
+            if "alpha" in kw and conv_alpha is not None:
+                kw["alpha"] = conv_alpha
+        try:
+            adapter = cls.create(spec, **kw)
+        except LycorisError as exc:
+            unfit.append(f"{t.name} ({spec.kind} {list(spec.weight_shape)}): {exc.reason}")
+            continue
+        adapter.name = t.name
+        if device is not None:
+            adapter.to(device)
+        built.adapters[t.name] = adapter
+        built.modules[t.name] = t.module
+    if skipped:
+        built.ignored["layer kind"] = skipped
+    if unfit:
+        built.ignored["cannot create"] = unfit
+    if not built.adapters:
+        if unfit:
+            raise LycorisError(f"{algo} fits none of the {len(unfit)} selected layers with these "
+                               f"settings; first: {unfit[0]}")
+        raise LycorisError(f"no layer to train: {algo} trains {'/'.join(kinds)} layers and the "
+                           "selection holds none")
+    return built
+
+
+def trainable_copy(adapter: Adapter, device: torch.device | str | None = None) -> Adapter:
+    """A deep copy of a loaded adapter with fp32 parameters that require grad (the source is untouched)."""
+    new = copy.deepcopy(adapter)
+    new.clear_cache()
+    new.to(device=device, dtype=torch.float32)
+    for p in new.parameters():
+        p.requires_grad_(p.is_floating_point())
+    return new
+
+
+def resume_adapters(saved: Mapping[str, Adapter], modules: Mapping[str, nn.Module], *,
+                    device: torch.device | str | None = None) -> tuple[Built, list[str]]:
+    """Trainable copies of `saved` adapters for the layers `modules` names; (built, names not found).
+
+    `modules` maps every name a saved module may carry to its layer (a host may know several
+    names for one layer). Each adapter keeps its saved name, so the result saves the same keys.
+    """
+    built = Built({}, {})
+    missing = []
+    for name, adapter in saved.items():
+        module = modules.get(name)
+        if module is None:
+            missing.append(name)
+            continue
+        adapter.check_target(module.weight.shape)
+        copy_ = trainable_copy(adapter, device)
+        copy_.name = name
+        built.adapters[name] = copy_
+        built.modules[name] = module
+    if not built.adapters:
+        raise LycorisError(f"none of the {len(saved)} saved modules matches a layer of this model "
+                           f"(first: {next(iter(saved), '-')})")
+    return built, missing
+
+
+def freeze(adapters: Mapping[str, Adapter]) -> None:
+    """Finish training: no grad, drop cached factors, ready for merge/bypass/export."""
+    for a in adapters.values():
+        a.requires_grad_(False)
+        a.clear_cache()
