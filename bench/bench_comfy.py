@@ -279,17 +279,20 @@ def main() -> None:
     if rows:
         print(f"\nWhole SD1.5 UNet patch pass (ModelPatcher.patch_model on CPU), best of {args.repeat}, "
               "strength 1\n")
-        print("| algo | UNet dtype | layers | GB | ours s | core s | ours/core | ours/copy floor "
-              "| core/copy floor | host-only s (×floor) | core note |")
-        print("|" + "---|" * 11)
+        print("| algo | UNet dtype | layers | GB | copy floor s | host-only s | ours s | core s "
+              "| ours/core | ours/copy floor | core/copy floor | ours/core above host-only | core note |")
+        print("|" + "---|" * 13)
         for r in rows:
-            print(f"| {r['algo']} | {r['dtype']} | {r['layers']} | {r['gb']:.2f} | {r['ours']:.2f} "
-                  f"| {r['core']:.2f} | {r['ours'] / r['core']:.2f} | {r['ours'] / r['floor']:.2f} "
-                  f"| {r['core'] / r['floor']:.2f} | {r['host']:.2f} ({r['host'] / r['floor']:.1f}) "
+            above = (r["ours"] - r["host"]) / max(r["core"] - r["host"], 1e-9)
+            print(f"| {r['algo']} | {r['dtype']} | {r['layers']} | {r['gb']:.2f} | {r['floor']:.2f} "
+                  f"| {r['host']:.2f} | {r['ours']:.2f} | {r['core']:.2f} | {r['ours'] / r['core']:.2f} "
+                  f"| {r['ours'] / r['floor']:.2f} | {r['core'] / r['floor']:.2f} | {above:.2f} "
                   f"| {r['note']} |")
-        print("\ncopy floor: clone() of the same weights (kept, fresh memory), per row; host-only: the "
-              "same patch pass with a patch that changes nothing (the host's fp32 working copy, cast "
-              "and parameter swap), the least any merge patch can cost on this host.")
+        print("\ncopy floor: clone() of the same weights (copies kept: fresh memory, as a patched model "
+              "keeps its new weights). host-only: the same patch pass with a patch that changes nothing "
+              "(the host's fp32 working copy, cast back and parameter swap), the least any merge patch "
+              "costs on this host. ours/core above host-only: (ours - host-only) / (core - host-only), "
+              "the patches' own work.")
     if step:
         print(f"\nOne UNet step, 64x64 latent, fp32, rank-{STEP_RANK} LoRA on {step['layers']} layers, "
               f"best of {args.step_repeat}: merged {step['merged']:.2f} s, bypass {step['bypass']:.2f} s, "

@@ -35,7 +35,7 @@ import comfy.samplers
 import comfy.utils
 import folder_paths
 
-from ..lycoris_core import AdapterFile, LycorisError, load_file
+from ..lycoris_core import AdapterFile, load_file
 from ..lycoris_core.save import standard_metadata
 from ..lycoris_core.train import (OPTIMIZERS, PRESETS, SCHEDULES, Dropout, Root, Trainer, attached,
                                   autograd_safe, checkpoint_blocks, checkpointed, create_adapters,

@@ -434,7 +434,7 @@ def test_dropouts_change_training_only_and_replay_under_checkpointing():
 
 
 def test_attach_and_checkpoint_restore_forwards():
-    model, x = tiny_unet(), inputs()
+    model = tiny_unet()
     layer = model.conv_in
     layer.forward = lambda t: F.conv2d(t, layer.weight, layer.bias, padding=1)  # someone else's wrapper
     theirs = layer.forward

@@ -20,6 +20,7 @@ from ..layer import LayerSpec
 
 FP32 = torch.float32
 CHUNK_ELEMENTS = 1 << 19  # rows are merged in ~2 MB fp32 chunks: cache friendly, no full fp32 copy
+MIN_SPLIT = 1 << 16  # weights above this many elements per worker are shared by the chunk workers
 DORA_EPS = torch.finfo(torch.float32).eps
 
 _POOL: ThreadPoolExecutor | None = None
@@ -54,24 +55,46 @@ def _chunk_pool() -> ThreadPoolExecutor | None:
     return _POOL
 
 
-def run_chunks(fn: Callable[[object], None], items: Iterable, device: torch.device) -> None:
+def _worker_pool(device: torch.device) -> ThreadPoolExecutor | None:
+    """The chunk pool for CPU work started outside it, else None (run inline)."""
+    if device.type != "cpu" or getattr(_LOCAL, "worker", False):
+        return None
+    return _chunk_pool()
+
+
+def _in_caller_mode(fn: Callable):
+    """`fn` wrapped to run in the caller's inference mode (thread-local: the host patches in
+    inference mode, and in-place ops on inference tensors need it) without autograd."""
+    inference = torch.is_inference_mode_enabled()
+
+    def run(*args):
+        with torch.inference_mode(inference), torch.no_grad():
+            return fn(*args)
+
+    return run
+
+
+def run_single(fn: Callable[[], object], device: torch.device):
+    """`fn()` on one pool worker (its torch ops single-threaded) for CPU work, inline otherwise:
+    the small ops of a merge's setup gain nothing from two threads and stall on a busy machine."""
+    pool = _worker_pool(device)
+    if pool is None:
+        return fn()
+    return pool.submit(_in_caller_mode(fn)).result()
+
+
+def run_chunks(fn: Callable[[object], None], items: Iterable, device: torch.device, *,
+               single_inline: bool = True) -> None:
     """`fn(item)` for every item, on the chunk pool for CPU tensors (inline on other devices,
-    for a single item and inside a worker); returns when all are done, raising the first error."""
+    inside a worker, and for a single item when `single_inline`); returns when all are done,
+    raising the first error."""
     items = list(items)
-    pool = None
-    if device.type == "cpu" and len(items) > 1 and not getattr(_LOCAL, "worker", False):
-        pool = _chunk_pool()
+    pool = _worker_pool(device) if len(items) > 1 or not single_inline else None
     if pool is None:
         for item in items:
             fn(item)
         return
-    inference = torch.is_inference_mode_enabled()  # thread-local: the host patches in inference mode
-
-    def run(item) -> None:
-        with torch.inference_mode(inference), torch.no_grad():
-            fn(item)
-
-    futures = [pool.submit(run, item) for item in items]
+    futures = [pool.submit(_in_caller_mode(fn), item) for item in items]
     wait(futures)
     for future in futures:
         future.result()
@@ -108,6 +131,8 @@ class Adapter(nn.Module):
     # chunks hold up to chunk_factor * CHUNK_ELEMENTS elements: algorithms whose merge kernel
     # needs no temporaries (one in-place addmm / addcmul) take larger chunks
     chunk_factor: ClassVar[int] = 1
+    # merge_rows streams column chunks on the chunk pool itself (the row chunk runs inline)
+    streams_columns: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -269,8 +294,8 @@ class Adapter(nn.Module):
         grad = torch.is_grad_enabled() and (weight.requires_grad or self._trainable())
         chunked = not grad and self.row_block > 0 and not (self.dora_scale is not None
                                                            and self.dora_axis == "in")
-        p = self._prepared(weight.device, FP32)
         if not chunked:
+            p = self._prepared(weight.device, FP32)
             w = weight.to(FP32)
             new = w + strength * self.full_diff(w, None, p)
             if inplace:
@@ -282,7 +307,16 @@ class Adapter(nn.Module):
         rows_total = weight.shape[0]
         row_elems = max(1, weight[0].numel())
         budget = CHUNK_ELEMENTS * self.chunk_factor
+        pool = _worker_pool(weight.device)
+        if pool is not None and not self.streams_columns:  # at least a chunk per worker
+            budget = min(budget, max(MIN_SPLIT, -(-weight.numel() // pool._max_workers)))
         step = max(self.row_block, (budget // row_elems) // self.row_block * self.row_block)
+
+        def setup() -> dict:
+            p = self._prepared(weight.device, FP32)
+            self.prepare_merge(p, strength)
+            return p
+
         def chunk(start: int) -> None:
             rows = slice(start, min(start + step, rows_total))
             if weight.dtype == FP32:
@@ -293,8 +327,9 @@ class Adapter(nn.Module):
                 out[rows] = scratch
 
         with torch.no_grad():
-            self.prepare_merge(p, strength)
-            run_chunks(chunk, range(0, rows_total, step), weight.device)
+            p = run_single(setup, weight.device)
+            run_chunks(chunk, range(0, rows_total, step), weight.device,
+                       single_inline=self.streams_columns)
         return out
 
     def prepare_merge(self, p: dict, strength: float) -> None:

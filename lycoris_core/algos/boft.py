@@ -162,6 +162,8 @@ class BOFT(OrthogonalAdapter):
         cols = weight.reshape(weight.shape[0], -1).t()  # rows of W as the last axis
         return self.rotate(cols, p).t().reshape(weight.shape) - weight
 
+    streams_columns = True
+
     @property
     def row_block(self) -> int:  # merge takes all rows at once and streams column chunks
         return self.out_dim
@@ -177,7 +179,11 @@ class BOFT(OrthogonalAdapter):
         split = (1 << count, -1, half)  # natural rows as (u_grp, u_low, j) of the last group
         w2, d2 = w.reshape(w.shape[0], -1), dest.view(dest.shape[0], -1)
         width = w2.shape[1]
-        step = min(width, max(16, base.CHUNK_ELEMENTS // self.out_dim))
+        budget = base.CHUNK_ELEMENTS
+        pool = base._worker_pool(w.device)
+        if pool is not None:  # at least a chunk per worker
+            budget = min(budget, max(base.MIN_SPLIT, -(-w.numel() // pool._max_workers)))
+        step = min(width, max(16, budget // self.out_dim))
 
         def chunk(f0: int) -> None:  # the butterfly mixes rows only: columns are independent
             cols = slice(f0, min(width, f0 + step))

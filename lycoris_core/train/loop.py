@@ -58,6 +58,12 @@ def param_groups(adapters: Mapping[str, Adapter], weight_decay: float = 0.0) -> 
 FUSED = frozenset({"Adam", "AdamW"})  # fused SGD is much slower on CPU in torch 2.x
 
 
+def _fused_devices() -> tuple[str, ...]:
+    """Device types with fused Adam kernels in this torch (CPU since 2.4)."""
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    return ("cuda", "cpu") if (major, minor) >= (2, 4) else ("cuda",)
+
+
 def make_optimizer(adapters: Mapping[str, Adapter], name: str = "AdamW", lr: float = 1e-4,
                    weight_decay: float = 0.0, **kwargs) -> torch.optim.Optimizer:
     """One of OPTIMIZERS over the adapters' trainable parameters, with the no-decay group split off.
@@ -70,7 +76,7 @@ def make_optimizer(adapters: Mapping[str, Adapter], name: str = "AdamW", lr: flo
     groups = param_groups(adapters, weight_decay)
     params = [p for g in groups for p in g["params"]]
     if name in FUSED and "fused" not in kwargs and all(
-            p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params):
+            p.is_floating_point() and p.device.type in _fused_devices() for p in params):
         kwargs["fused"] = True
     return OPTIMIZERS[name](groups, lr=lr, **kwargs)
 
