@@ -327,7 +327,8 @@ class Adapter(nn.Module):
                 out[rows] = scratch
 
         with torch.no_grad():
-            p = run_single(setup, weight.device)
+            # a column-streaming merge spreads its own setup over the workers
+            p = setup() if self.streams_columns else run_single(setup, weight.device)
             run_chunks(chunk, range(0, rows_total, step), weight.device,
                        single_inline=self.streams_columns)
         return out

@@ -72,9 +72,11 @@ def stage_groups(r: torch.Tensor, rescale: torch.Tensor | None = None,
     per = 1
     while half << (per + 1) <= target:
         per += 1
-    groups = []
-    for s0 in range(0, stages, per):
-        count = min(per, stages - s0)
+    spans = [(s0, min(per, stages - s0)) for s0 in range(0, stages, per)]
+    groups: list = [None] * len(spans)
+
+    def build(i: int) -> None:
+        s0, count = spans[i]
         size, low = half << count, 1 << s0
         high = out_dim // (size * low)
         # probe row q marks, in every block, the channel with in-block index q; pushing the rows
@@ -88,7 +90,9 @@ def stage_groups(r: torch.Tensor, rescale: torch.Tensor | None = None,
         if s0 + count == stages and rescale is not None:  # high == 1: blocks are (u_low)
             scale = rescale.reshape(1 << count, low, half).transpose(0, 1).reshape(low, size, 1)
             blocks = blocks * scale
-        groups.append((s0, count, blocks.contiguous()))
+        groups[i] = (s0, count, blocks.contiguous())
+
+    base.run_chunks(build, range(len(spans)), r.device)
     return groups
 
 
@@ -147,7 +151,7 @@ class BOFT(OrthogonalAdapter):
         return self
 
     def prepare(self, device, dtype):
-        p = {"r": cayley(self.oft_blocks.to(device), self.constraint, self.out_dim)}
+        p = {"r": cayley(self.oft_blocks.to(device), self.constraint, self.out_dim, parallel=True)}
         scale = self.rescale_vector(device)
         if scale is not None:
             p["rescale"] = scale
