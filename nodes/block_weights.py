@@ -37,6 +37,7 @@ from ..lycoris_core.blocks.names import BASE, OTHER, T5
 from ..lycoris_core.blocks.spec import split_tokens
 from ..lycoris_core.io import read_header
 from ..lycoris_core.keys import group_keys
+from .report import show_on_node
 
 log = logging.getLogger("comfyui-lycoris")
 
@@ -202,14 +203,6 @@ def blocks_request(params: Mapping) -> tuple[int, dict]:
 
 # ----- nodes -----------------------------------------------------------------------------------
 
-def _show_on_node(text: str, unique_id) -> None:
-    """Text under the node while the server runs (progress text)."""
-    server = sys.modules.get("server")
-    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
-    if instance is not None and unique_id is not None and hasattr(instance, "send_progress_text"):
-        instance.send_progress_text(text, unique_id)
-
-
 class LycorisBlockWeights:
     """Per-block strengths for the LyCORIS loaders (merge and bypass)."""
 
@@ -260,7 +253,7 @@ class LycorisBlockWeights:
                 unused = unmatched_selectors(spec, names)
                 if unused:
                     summary += f"\nno block of {lora_name} matches: {', '.join(unused)}"
-        _show_on_node(summary, unique_id)
+        show_on_node(summary, unique_id)
         return {"ui": {"text": [summary]}, "result": (strengths,)}
 
 

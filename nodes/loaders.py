@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import folder_paths
 
 from ..lycoris_core import load_file
 from .apply import MODES, apply_lycoris
+from .report import show_on_node
 
 CATEGORY = "loaders/lycoris"
 BLOCK_WEIGHTS_TYPE = "LYCORIS_BLOCK_WEIGHTS"
@@ -26,14 +26,6 @@ REPORT_TOOLTIP = "What was applied where, what was skipped and why (unmatched ke
 def _file_signature(path: str) -> tuple:
     st = os.stat(path)
     return (path, st.st_mtime_ns, st.st_size)
-
-
-def _show_on_node(text: str, unique_id) -> None:
-    """Show the report as progress text on the node when the server is running."""
-    server = sys.modules.get("server")
-    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
-    if instance is not None and unique_id is not None and hasattr(instance, "send_progress_text"):
-        instance.send_progress_text(text, unique_id)
 
 
 class LoadLycoris:
@@ -93,7 +85,7 @@ class LoadLycoris:
         adapters = self.adapters(lycoris_name)
         model, clip, report = apply_lycoris(model, clip, adapters, strength_model, strength_clip,
                                             mode, block_weights)
-        _show_on_node(report, unique_id)
+        show_on_node(report, unique_id)
         return {"ui": {"text": [report]}, "result": (model, clip, report)}
 
 

@@ -2,11 +2,20 @@
 from __future__ import annotations
 
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterable
 
 MAX_GROUPS = 8
 MAX_PROBLEMS = 5
+
+
+def show_on_node(text: str, unique_id) -> None:
+    """Text under the node (the host's progress text) while the server runs; a no-op in scripts."""
+    server = sys.modules.get("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is not None and unique_id is not None and hasattr(instance, "send_progress_text"):
+        instance.send_progress_text(text, unique_id)
 
 
 def name_groups(names: Iterable[str]) -> list[tuple[str, int, str]]:

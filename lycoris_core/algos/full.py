@@ -29,10 +29,6 @@ class Full(Adapter):
         self.set_weight: torch.nn.Parameter | None = None
 
     @classmethod
-    def claims(cls, shapes):
-        return any(k in shapes for k in cls.keys)
-
-    @classmethod
     def from_tensors(cls, tensors, *, name="", file=None):
         self = cls()
         self.name, self.file = name, file

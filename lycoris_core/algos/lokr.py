@@ -142,7 +142,7 @@ class LoKr(Adapter):
         # W1 ⊗ W2 never built: with the rows viewed as (out_l, out_k) and the flattened columns as
         # (in_m, in_n * k...), the block is a broadcast product, fused into one multiply-add
         w1, w2 = p["W1"], p["W2"]
-        (out_l, in_m), out_k = w1.shape[:2], w2.shape[0]
+        in_m, out_k = w1.shape[1], w2.shape[0]
         width = w2[0].numel()
         n = w.shape[0]
         if (rows.start % out_k or n % out_k or w[0].numel() != in_m * width
