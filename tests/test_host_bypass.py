@@ -3,13 +3,12 @@ merge for every algorithm, fp8-stored models left untouched."""
 from __future__ import annotations
 
 import os
-import warnings
 
 import pytest
 import torch
 
 from host.adapters import AdapterSet, Case, all_cases, build_case, distinct_unet_sites
-from host.helpers import (Originals, apply, load, module_at, module_outputs, pack_module, rel_err,
+from host.helpers import (apply, load, module_at, module_outputs, pack_module, rel_err,
                           root_of, unet_output, unload_all, weights)
 
 CASES = all_cases()
@@ -17,16 +16,7 @@ MODULE_TOL = {torch.float32: 2e-5, torch.float16: 3e-3}  # fp16 CLIP: merged wei
 MODEL_TOL = 1e-4  # whole UNet, fp32
 
 
-@pytest.fixture(scope="module")
-def originals(sd15):
-    return Originals(sd15[0], sd15[1])
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_warnings")
 
 
 def _injected_modules(patcher) -> set[str]:

@@ -2,13 +2,12 @@
 registered algorithm, and matches ComfyUI core's own loader wherever core is right."""
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
 
 from host.adapters import AdapterSet, Case, all_cases, build_case, buildable
-from host.helpers import Originals, apply, load, pack_module, rel_err, root_of, unload_all, weights
+from host.helpers import apply, load, pack_module, rel_err, root_of, unload_all, weights
 
 CASES = all_cases()
 STRENGTHS = (1.0, -0.6)
@@ -16,16 +15,7 @@ STRENGTHS = (1.0, -0.6)
 CORE_TOL = {torch.float32: 5e-5, torch.float16: 3e-4}
 
 
-@pytest.fixture(scope="module")
-def originals(sd15):
-    return Originals(sd15[0], sd15[1])
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # reader warnings (legacy layouts) are tested elsewhere
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_warnings")
 
 
 def core_difference(case: Case, strength: float, key: str) -> str | None:

@@ -3,28 +3,18 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from host.adapters import Case, build_case
-from host.helpers import Originals, load, pack_module, unload_all, weights
+from host.helpers import load, pack_module, unload_all, weights
 
 NODE_IDS = ("LycorisLoader", "LycorisLoaderModelOnly")
 
 
-@pytest.fixture(scope="module")
-def originals(sd15):
-    return Originals(sd15[0], sd15[1])
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_warnings")
 
 
 @pytest.fixture(scope="module")

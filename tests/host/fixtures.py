@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 
@@ -55,3 +56,19 @@ def loras_dir(comfy_host, tmp_path_factory):
     path = tmp_path_factory.mktemp("loras")
     folder_paths.add_model_folder_path("loras", str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def originals(sd15):
+    """Copies of the checkpoint's weights, to check that nothing was modified in place."""
+    from .helpers import Originals
+
+    return Originals(sd15[0], sd15[1])
+
+
+@pytest.fixture
+def quiet_warnings():
+    """Reader warnings (legacy layouts, skipped layers) are tested elsewhere: silence them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
