@@ -1,6 +1,7 @@
 """What an adapter needs to know about the layer it wraps: kind, conv geometry, weight and bias."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,9 @@ class LayerSpec:
     norm_type: str = ""  # "layer" | "group" for kind == "norm"
     eps: float = 1e-5
     num_groups: int = 1
+    # for quantised storage (scaled fp8, GGUF, ...): device -> the fp32 weight the layer computes
+    # with; `weight` then stays the raw stored tensor (its identity keys cached DoRA norms)
+    dequantise: Callable[[torch.device], torch.Tensor] | None = None
 
     @property
     def conv_dim(self) -> int:
@@ -72,6 +76,17 @@ class LayerSpec:
         if weight is not None:
             return cls.from_weight(weight, bias)
         raise TypeError(f"cannot wrap {type(module).__name__}: it has no weight")
+
+    def dense_weight(self, device: torch.device | None = None) -> torch.Tensor | None:
+        """The layer's effective weight in fp32 on `device` (default: the weight's own), dequantised
+        when its storage needs it."""
+        if device is None:
+            device = self.weight.device if self.weight is not None else torch.device("cpu")
+        if self.dequantise is not None:
+            return self.dequantise(device).to(device=device, dtype=torch.float32)
+        if self.weight is None:
+            return None
+        return self.weight.to(device=device, dtype=torch.float32)
 
     def op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            **overrides) -> torch.Tensor:

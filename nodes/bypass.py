@@ -81,12 +81,55 @@ def bypass_unsupported(target, root: torch.nn.Module) -> str | None:
     return None
 
 
+def stored_quantised(module: torch.nn.Module) -> bool:
+    """Whether the module's stored weight is not the weight it computes with (fp8, scaled fp8,
+    GGUF and other tensor subclasses or custom ops)."""
+    weight = getattr(module, "weight", None)
+    return (weight is not None and (type(weight) not in (torch.Tensor, torch.nn.Parameter)
+                                    or weight.dtype not in STANDARD_FLOATS)
+            or callable(getattr(module, "convert_weight", None)))
+
+
+def dequantiser(module: torch.nn.Module):
+    """device -> the fp32 weight `module` computes with, the way the host gets it: the layer's own
+    `cast_bias_weight` (GGUF-style layers dequantise and apply their patches there), else ComfyUI's
+    cast with the module's weight functions, then the op's `convert_weight` (scaled fp8)."""
+    import comfy.ops
+
+    def dense(device: torch.device) -> torch.Tensor:
+        own = getattr(type(module), "cast_bias_weight", None)
+        if callable(own):
+            weight = module.cast_bias_weight(dtype=torch.float32, device=device)[0]
+        elif hasattr(module, "weight_function"):
+            weight = comfy.ops.cast_bias_weight(module, dtype=torch.float32, device=device)[0]
+        else:
+            weight = module.weight.to(device=device, dtype=torch.float32)
+        convert = getattr(module, "convert_weight", None)
+        if callable(convert):
+            if weight.data_ptr() == module.weight.data_ptr():
+                weight = weight.clone()  # never scale the stored weight in place
+            weight = convert(weight, inplace=True)
+        return weight
+
+    return dense
+
+
+def host_dense_weight(module: torch.nn.Module):
+    """A dequantiser for a module with quantised storage, None for plain float weights."""
+    return dequantiser(module) if stored_quantised(module) else None
+
+
 # ----- the wrapper ---------------------------------------------------------------------------------
 def _slice_layer(layer: LayerSpec, start: int, length: int) -> LayerSpec:
     shape = (length,) + tuple(layer.weight_shape[1:])
     weight = None if layer.weight is None else layer.weight.narrow(0, start, length)
     bias = None if layer.bias is None else layer.bias.narrow(0, start, length)
-    return dataclasses.replace(layer, weight_shape=shape, weight=weight, bias=bias)
+    dequantise = layer.dequantise
+    if dequantise is not None:
+        def dequantise(device, whole=layer.dequantise):
+            return whole(device).narrow(0, start, length)
+    return dataclasses.replace(layer, weight_shape=shape, weight=weight, bias=bias,
+                               dequantise=dequantise)
 
 
 def _stage(entry: BypassEntry, inner, layer: LayerSpec):
@@ -124,6 +167,8 @@ class BypassForward:
             previous = previous.original
         self.original = previous  # an instance-level forward we wrap, or None for the class one
         self.active = True
+        # adapters that read W (DoRA, set_weight, dense fallbacks) must see the dequantised weight
+        self.dequantise = host_dense_weight(module)
 
     def _base(self):
         if self.original is not None:
@@ -139,6 +184,7 @@ class BypassForward:
             return base(t, *args, **kwargs)
 
         layer = LayerSpec.from_module(self.module)
+        layer.dequantise = self.dequantise
         for entry in self.entries:
             fwd = _stage(entry, fwd, layer)
         return fwd(x)

@@ -42,6 +42,7 @@ from ..lycoris_core.train import (OPTIMIZERS, PRESETS, SCHEDULES, Dropout, Root,
                                   default_kinds, freeze, frozen, kohya_name, resume_adapters,
                                   select_targets, trainable_algorithms)
 from .apply import apply_lycoris
+from .bypass import host_dense_weight
 from .keymap import MODEL, KeyMap, _split_value
 from .loss_plot import draw_loss
 
@@ -228,7 +229,8 @@ def run_training(model, latents: torch.Tensor, conditioning, pairs, trainer: Tra
         conds = [_thaw(c) for c in model_wrap.conds["positive"]]
         model_wrap.conds["positive"] = conds
         blocks = checkpoint_blocks(diffusion) if gradient_checkpointing else []
-        with frozen(diffusion), attached(pairs, regularizer=regularizer), checkpointed(blocks):
+        adapters_on = attached(pairs, regularizer=regularizer, dense_weight=host_dense_weight)
+        with frozen(diffusion), adapters_on, checkpointed(blocks):
             for step in range(steps):
                 comfy.model_management.throw_exception_if_processing_interrupted()
                 loss = trainer.step(lambda: objective.loss(model_wrap, extra_args, x0_all, conds))
@@ -443,7 +445,8 @@ class LycorisTrain:
         targets = select_targets(root, preset, include=include, exclude=exclude,
                                  kinds=default_kinds(algorithm), conv=conv_rank > 0)
         built = create_adapters(targets, algorithm, rank, alpha, conv_rank=conv_rank,
-                                conv_alpha=conv_alpha, device=device, **options)
+                                conv_alpha=conv_alpha, device=device, dense_weight=host_dense_weight,
+                                **options)
         unfit = built.ignored.get("cannot create", [])
         if unfit:
             log.warning("LyCORIS Train: %s cannot adapt %d of the selected layers with these settings, "

@@ -7,9 +7,10 @@ import os
 import pytest
 import torch
 
-from host.adapters import AdapterSet, Case, all_cases, build_case, distinct_unet_sites
+from host.adapters import AdapterSet, Case, all_cases, build_case, distinct_unet_sites, kohya_name
 from host.helpers import (apply, load, module_at, module_outputs, pack_module, rel_err,
-                          root_of, unet_output, unload_all, weights)
+                          root_of, sample_input, scaled_fp8_unet, unet_output, unload_all,
+                          weights)
 
 CASES = all_cases()
 MODULE_TOL = {torch.float32: 2e-5, torch.float16: 3e-3}  # fp16 CLIP: merged weights are rounded
@@ -143,6 +144,47 @@ def test_fp8_unet_auto_bypasses_and_strength_changes_the_output(sd15_checkpoint)
         assert all(torch.equal(after[k].view(torch.uint8), before[k].view(torch.uint8)) for k in keys)
     assert torch.isfinite(outputs[1.0]).all()
     assert rel_err(outputs[0.5], outputs[1.0]) > 1e-3
+    unload_all()
+
+
+def _set_weight_file(model, key: str) -> AdapterSet:
+    import comfy.lora
+
+    shape = module_at(model.model, key).weight.shape
+    files = AdapterSet()
+    name = kohya_name(comfy.lora.model_lora_keys_unet(model.model, {}), key)
+    files.add(name, key, {"set_weight": 0.01 * torch.randn(shape, generator=torch.Generator().manual_seed(3))})
+    return files
+
+
+@pytest.mark.parametrize("case", ["dora-out", "dora-in", "set_weight", "glora"])
+def test_scaled_fp8_bypass_reads_the_dequantised_weight(sd15, case):
+    """auto on a scaled-fp8 UNet bypasses; adapters that read W (DoRA norms, set_weight, GLoRA)
+    must see stored values x scale_weight, as the layer itself computes with."""
+    import torch.nn.functional as F
+    from lycoris_core import load_file
+
+    unload_all()
+    model = scaled_fp8_unet(sd15[0])
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.weight"
+    module = module_at(model.model, key)
+    assert module.weight.dtype == torch.float8_e4m3fn and float(module.scale_weight) < 0.1
+    if case == "set_weight":
+        files = _set_weight_file(model, key)
+    else:
+        algo, options = ("glora", ()) if case == "glora" else ("lora", (("dora", case[5:]),))
+        files = build_case(Case(algo, options), model, None, sites={"linear": key})
+    assert list(files.targets.values()) == [key]
+    strength = 0.7
+    new_model, _, report = apply(model, None, files.tensors, strength, 0.0, "auto")
+    assert "1 bypassed" in report, report
+    load(new_model)
+    got = module_outputs(new_model, None, [key])[key]
+    dense = module.weight.float() * module.scale_weight.float()
+    (adapter,) = load_file(files.tensors).values()
+    with torch.inference_mode():
+        want = F.linear(sample_input(module), adapter.merge(dense, strength), module.bias.float())
+    assert rel_err(got, want) < 1e-4
     unload_all()
 
 

@@ -181,6 +181,24 @@ def test_every_algorithm_trains_in_the_host(T, host_model, fixed_batches, algori
     assert meta["ss_steps"] == str(STEPS) and meta["ss_base_model_version"] == "sd_v1"
 
 
+@pytest.mark.parametrize("dora", ["output axis", "input axis"])
+def test_dora_on_a_scaled_fp8_base_starts_from_the_true_weight(T, host_model, fixed_batches, dora):
+    """DoRA's magnitude and norms come from stored values x scale_weight: dW = 0 at step 0 and
+    the fp8 base is untouched."""
+    from host.helpers import scaled_fp8_unet
+
+    with torch.inference_mode():
+        fp8_model = scaled_fp8_unet(host_model[0])
+    fp8_host = (fp8_model,) + tuple(host_model[1:])
+    before = late_weights(fp8_model)
+    assert any(v.dtype == torch.float8_e4m3fn for v in before.values())
+    base_loss = reference_loss(T, fp8_host)
+    _, lycoris, loss, _ = train(T, fp8_host, "lora", steps=2, dora=dora)
+    assert loss["loss"][0] == pytest.approx(base_loss, rel=1e-4)
+    assert all(torch.equal(before[k].float(), v.float()) for k, v in late_weights(fp8_model).items())
+    assert all("dora_scale" in dict(a.named_parameters()) for a in lycoris.values())
+
+
 def test_every_registered_algorithm_is_in_the_node(T):
     assert T.LycorisTrain.INPUT_TYPES()["required"]["algorithm"][0] == ALGOS
     assert set(ALGOS) >= {"lora", "loha", "lokr", "ia3", "glora", "diag-oft", "boft", "full", "norm"}

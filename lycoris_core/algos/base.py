@@ -200,7 +200,7 @@ class Adapter(nn.Module):
 
     def delta_forward(self, x: torch.Tensor, layer: LayerSpec, p: dict) -> torch.Tensor:
         """Additive bypass term `D(W) x` (no bias); default builds D densely."""
-        w = layer.weight.to(device=x.device, dtype=FP32) if layer.weight is not None else None
+        w = layer.dense_weight(x.device)
         if w is None:
             w = torch.zeros(layer.weight_shape, device=x.device, dtype=FP32)
         d = self.diff(w, None, self._prepared(x.device, FP32)).to(x.dtype)
@@ -421,7 +421,7 @@ class Adapter(nn.Module):
         version = 0 if wt.is_inference() else wt._version
         key = ("dora", wt.data_ptr(), version, str(device))
         if key not in self._cache or self._trainable():
-            w = wt.to(device=device, dtype=FP32)
+            w = layer.dense_weight(device)
             p = self._prepared(device, FP32)
             merged = w + self.diff(w, None, p)
             if self.dora_axis == "out":

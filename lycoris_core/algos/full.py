@@ -92,7 +92,7 @@ class Full(Adapter):
                 raise LycorisError("set_weight bypass needs the layer's weight", file=self.file,
                                    key=f"{self.name}.set_weight")
             s = self._prepared(x.device, FP32)["set_weight"]
-            w = layer.weight.to(device=x.device, dtype=FP32)
+            w = layer.dense_weight(x.device)
             d = (s.reshape(w.shape) - w).to(x.dtype)
         if layer.kind == "norm":
             n = normalized(x, layer)

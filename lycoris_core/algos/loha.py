@@ -157,5 +157,5 @@ class LoHa(Adapter):
             self.scalar = torch.nn.Parameter(torch.zeros((), dtype=FP32))
         self.alpha = float(rank if alpha in (None, 0) else alpha)
         if dora:
-            self.init_dora(layer.weight, dora)
+            self.init_dora(layer.dense_weight(), dora)
         return self

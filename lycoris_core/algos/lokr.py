@@ -220,5 +220,5 @@ class LoKr(Adapter):
         # both factors full: LyCORIS stores alpha = rank (scale 1)
         self.alpha = float(rank if alpha in (None, 0) or self.rank is None else alpha)
         if dora:
-            self.init_dora(layer.weight, dora)
+            self.init_dora(layer.dense_weight(), dora)
         return self

@@ -124,5 +124,5 @@ class LoRA(Adapter):
             self.set_tensor("up", torch.zeros(up_shape, dtype=dtype), True)
         self.alpha = float(rank if alpha in (None, 0) else alpha)
         if dora:
-            self.init_dora(layer.weight, dora)
+            self.init_dora(layer.dense_weight(), dora)
         return self

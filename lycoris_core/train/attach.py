@@ -41,9 +41,10 @@ def _restore(module: nn.Module, previous: object) -> None:
         module.forward = previous
 
 
-def _bypass_forward(module: nn.Module, adapter: Adapter, strength: float, regularizer):
+def _bypass_forward(module: nn.Module, adapter: Adapter, strength: float, regularizer, dense_weight):
     original = module.forward
     spec = LayerSpec.from_module(module)
+    spec.dequantise = dense_weight(module) if dense_weight is not None else None
 
     def forward(x, *args, **kwargs):
         base = original if not (args or kwargs) else (lambda t: original(t, *args, **kwargs))
@@ -59,11 +60,12 @@ def _bypass_forward(module: nn.Module, adapter: Adapter, strength: float, regula
 
 @contextmanager
 def attached(pairs: Iterable[tuple[nn.Module, Adapter]], *, strength: float = 1.0,
-             regularizer=None) -> Iterator[None]:
+             regularizer=None, dense_weight=None) -> Iterator[None]:
     """Within the block, each module computes `adapter.bypass(x, original forward, strength)`.
 
     `regularizer` (e.g. `loop.Dropout`) is applied while grad is enabled. Modules are restored on
     exit, also after an exception; nest with other forward wrappers in LIFO order.
+    `dense_weight(module)` gives a dequantiser for quantised storage (`LayerSpec.dequantise`).
     """
     done: list[tuple[nn.Module, object]] = []
     seen: set[int] = set()
@@ -72,7 +74,8 @@ def attached(pairs: Iterable[tuple[nn.Module, Adapter]], *, strength: float = 1.
             if id(module) in seen:
                 raise ValueError(f"module {type(module).__name__} given twice ({adapter.name})")
             seen.add(id(module))
-            done.append((module, _install(module, _bypass_forward(module, adapter, strength, regularizer))))
+            forward = _bypass_forward(module, adapter, strength, regularizer, dense_weight)
+            done.append((module, _install(module, forward)))
         yield
     finally:
         for module, previous in reversed(done):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -84,7 +84,9 @@ class Built:
 
 def create_adapters(targets: Iterable[Target], algo: str, rank: int = 4, alpha: float | None = None, *,
                     conv_rank: int | None = None, conv_alpha: float | None = None,
-                    device: torch.device | str | None = None, **options) -> Built:
+                    device: torch.device | str | None = None,
+                    dense_weight: Callable[[nn.Module], Callable | None] | None = None,
+                    **options) -> Built:
     """A fresh adapter of `algo` (standard init, dW = 0, fp32, requires_grad) for every target.
 
     Convs with a spatial kernel use `conv_rank`/`conv_alpha` (default: the linear values). Options
@@ -93,6 +95,8 @@ def create_adapters(targets: Iterable[Target], algo: str, rank: int = 4, alpha: 
     kind the algorithm cannot train are skipped (`ignored["layer kind"]`), and so are layers whose
     `create` refuses these settings (`ignored["cannot create"]`, with the reason; e.g. BOFT needs a
     block size that splits the channels). Raises when no adapter at all could be made.
+    `dense_weight(module)` gives a dequantiser for layers with quantised storage (see
+    `LayerSpec.dequantise`), so DoRA starts from the true weight norm.
     """
     cls = REGISTRY.get(algo)
     if cls is None or not layer_kinds(algo):
@@ -110,6 +114,7 @@ def create_adapters(targets: Iterable[Target], algo: str, rank: int = 4, alpha: 
             skipped.append(t.name)
             continue
         spec = LayerSpec.from_module(t.module)
+        spec.dequantise = dense_weight(t.module) if dense_weight is not None else None
         kw = dict(accepted)
         if t.kernel_is_spatial:
             if "rank" in kw and conv_rank:
