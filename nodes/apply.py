@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import comfy.utils
+import torch
 
 from ..lycoris_core import LycorisError, LycorisShapeError
 from .bypass import add_bypass, bypass_unsupported, quantised_reason
@@ -37,6 +38,18 @@ def _label(adapters) -> str:
 def _logical_shape(tensor) -> tuple[int, ...]:
     """A weight's shape as the model sees it (GGUF tensors keep it in `tensor_shape`)."""
     return tuple(getattr(tensor, "tensor_shape", None) or tensor.shape)
+
+
+def _tensor_at(root, key: str | None):
+    """The live tensor at `key` (not a state_dict() entry: quantised layers may export placeholders
+    of another shape there), or None."""
+    if key is None:
+        return None
+    try:
+        value = comfy.utils.get_attr(root, key)
+    except AttributeError:
+        return None
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def _target_shape(target: Target, weight) -> tuple[int, ...]:
@@ -82,7 +95,6 @@ def _plan(resolution, roots: dict, strengths: dict, mode: str, block_weights):
     errors: list[str] = []
     notes: Counter = Counter()
     zero = 0
-    states = {part: root.state_dict() for part, root in roots.items()}
     total = len(resolution.targets)
     pbar = comfy.utils.ProgressBar(max(1, total))
     step = max(1, total // 50)  # ~50 updates: each one may message the UI and checks for cancel
@@ -95,14 +107,13 @@ def _plan(resolution, roots: dict, strengths: dict, mode: str, block_weights):
         if strength == 0:
             zero += 1
             continue
-        state = states[target.part]
-        weight = state.get(target.key)
+        weight = _tensor_at(roots[target.part], target.key)
         if weight is None:
             errors.append(f"{target.name}: the {target.part} has no weight {target.key}")
             continue
         try:
             target.adapter.check_target(_target_shape(target, weight))
-            with_bias, note = _bias_change(target, state.get(target.bias_key))
+            with_bias, note = _bias_change(target, _tensor_at(roots[target.part], target.bias_key))
         except LycorisError as exc:
             errors.append(f"{target.name}: {exc.reason}")
             continue

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .helpers import pack_module
+
 # (algorithm, extra create() keywords) tried in this order; the first that builds is used
 CREATE_TRIES = ({"rank": 4, "alpha": 2.0}, {"rank": 10}, {"rank": 6}, {"rank": 8}, {"rank": 2}, {})
 # option keywords that change a file's layout or math: each gets its own case when create() has it
@@ -113,7 +115,8 @@ def module_tensors(case: Case, module: torch.nn.Module, seed: int) -> dict[str, 
         return READ_ONLY_BUILDERS[case.algo](tuple(module.weight.shape), g)
     cls = REGISTRY[case.algo]
     spec = LayerSpec.from_module(module)
-    spec.weight = module.weight.detach().float()
+    dense = pack_module("nodes.bypass").host_dense_weight(module)  # quantised storage: dequantise
+    spec.weight = dense(torch.device("cpu")) if dense else module.weight.detach().float()
     spec.bias = None if module.bias is None else module.bias.detach().float()
     params = inspect.signature(cls.create).parameters
     for extra in CREATE_TRIES:
