@@ -6,5 +6,5 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 # fixtures for tests inside a real ComfyUI (they skip cleanly when it is absent)
-from host.fixtures import (comfy_host, loras_dir, lycoris_pack, originals, quiet_warnings,  # noqa: E402,F401
-                           sd15, sd15_checkpoint)
+from host.fixtures import (comfy_host, gguf_unet, loras_dir, lycoris_pack, originals,  # noqa: E402,F401
+                           quiet_warnings, sd15, sd15_checkpoint)

@@ -199,6 +199,26 @@ def test_dora_on_a_scaled_fp8_base_starts_from_the_true_weight(T, host_model, fi
     assert all("dora_scale" in dict(a.named_parameters()) for a in lycoris.values())
 
 
+@pytest.mark.parametrize("dora", ["off", "output axis"])
+def test_training_on_a_gguf_base(T, host_model, gguf_unet, fixed_batches, dora):
+    """A Q8_0 GGUF UNet (ComfyUI-GGUF) trains in bypass: dW = 0 at step 0 (DoRA's magnitude from
+    the dequantised weight), the loss falls, and the quantised tensors are never replaced."""
+    from host.helpers import module_at
+
+    gguf_host = (gguf_unet,) + tuple(host_model[1:])
+    key = LATE_PATH + "transformer_blocks.0.attn1.to_out.0.weight"
+    stored = module_at(gguf_unet.model, key).weight
+    assert type(stored).__name__ == "GGMLTensor"
+    base_loss = reference_loss(T, gguf_host)
+    _, lycoris, loss, _ = train(T, gguf_host, "lora", dora=dora)
+    losses = loss["loss"]
+    assert losses[0] == pytest.approx(base_loss, rel=1e-4)
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert module_at(gguf_unet.model, key).weight is stored
+    assert lycoris and all(("dora_scale" in dict(a.named_parameters())) == (dora != "off")
+                           for a in lycoris.values())
+
+
 def test_every_registered_algorithm_is_in_the_node(T):
     assert T.LycorisTrain.INPUT_TYPES()["required"]["algorithm"][0] == ALGOS
     assert set(ALGOS) >= {"lora", "loha", "lokr", "ia3", "glora", "diag-oft", "boft", "full", "norm"}

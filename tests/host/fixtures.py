@@ -72,3 +72,21 @@ def quiet_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+
+
+@pytest.fixture(scope="session")
+def gguf_unet(comfy_host, sd15, tmp_path_factory):
+    """The test UNet as a Q8_0 GGUF file, loaded by ComfyUI-GGUF's own loader (skips without it)."""
+    import folder_paths
+
+    from . import gguf
+
+    reason = gguf.missing_reason(comfy_host)
+    if reason:
+        pytest.skip(reason)
+    nodes = gguf.import_nodes(comfy_host)
+    folder = tmp_path_factory.mktemp("unet_gguf")
+    gguf.write_unet(sd15[0], str(folder / gguf.FILE_NAME))
+    folder_paths.add_model_folder_path("diffusion_models", str(folder))
+    folder_paths.folder_names_and_paths["unet_gguf"][0].append(str(folder))
+    return nodes.UnetLoaderGGUF().load_unet(gguf.FILE_NAME)[0]
