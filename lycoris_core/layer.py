@@ -33,6 +33,9 @@ class LayerSpec:
     # for quantised storage (scaled fp8, GGUF, ...): device -> the fp32 weight the layer computes
     # with; `weight` then stays the raw stored tensor (its identity keys cached DoRA norms)
     dequantise: Callable[[torch.device], torch.Tensor] | None = None
+    # identifies what `dense_weight` returns when it is not the stored weight itself (e.g. the
+    # weight as patched by adapters stacked before this one): keys cached DoRA norms with it
+    weight_tag: object = None
 
     @property
     def conv_dim(self) -> int:

@@ -132,6 +132,25 @@ def _slice_layer(layer: LayerSpec, start: int, length: int) -> LayerSpec:
                                dequantise=dequantise)
 
 
+def _after(layer: LayerSpec, earlier: tuple[BypassEntry, ...]) -> LayerSpec:
+    """The layer as an adapter stacked after `earlier` sees it: its weight patched by them in
+    order, as merge patches are applied (a DoRA norm of W + dW_1 + ... + dW_i, not of W + dW_i)."""
+    def patched(device: torch.device) -> torch.Tensor:
+        w = layer.dense_weight(device)
+        for entry in earlier:
+            if entry.offset is None:
+                w = entry.adapter.merge(w, entry.strength)
+            else:
+                _, start, length = entry.offset
+                w = w.clone()  # may still be the stored weight itself: never write into it
+                rows = w.narrow(0, start, length)
+                rows.copy_(entry.adapter.merge(rows, entry.strength))
+        return w
+
+    tag = tuple((id(e.adapter), e.strength, e.offset) for e in earlier)
+    return dataclasses.replace(layer, dequantise=patched, weight_tag=tag)
+
+
 def _stage(entry: BypassEntry, inner, layer: LayerSpec):
     """One adapter around `inner` (the layer's forward with earlier adapters already applied)."""
     adapter, m = entry.adapter, entry.strength
@@ -185,8 +204,9 @@ class BypassForward:
 
         layer = LayerSpec.from_module(self.module)
         layer.dequantise = self.dequantise
-        for entry in self.entries:
-            fwd = _stage(entry, fwd, layer)
+        for i, entry in enumerate(self.entries):
+            reads_weight = i > 0 and entry.adapter.depends_on_weight
+            fwd = _stage(entry, fwd, _after(layer, self.entries[:i]) if reads_weight else layer)
         return fwd(x)
 
     def install(self) -> None:

@@ -100,6 +100,24 @@ def test_stacked_bypass_loaders_add_up_like_merged_ones(sd15):
     unload_all()
 
 
+def test_stacked_weight_reading_adapters_see_the_earlier_ones_like_merge(sd15, originals):
+    """DoRA (both axes), OFT and set_weight stacked after other adapters on the same layers: in
+    bypass each one reads the weight as patched by the loaders before it, as merge does."""
+    model, clip, _ = sd15
+    sites = distinct_unet_sites(model, 1)[0]
+    before = {k: originals[k] for k in sites.values() if k.startswith("diffusion_model.")}
+    files = [build_case(case, model, clip, sites=sites, seed=seed).tensors
+             for case, seed in ((Case("lora"), 1), (Case("lora", (("dora", "out"),)), 2),
+                                (Case("diag-oft"), 3), (Case("lokr", (("dora", "in"),)), 4))]
+    strengths = (0.9, 0.8, -0.6, 0.7)
+    bypassed = _chain(model, files, ["bypass"] * 4, strengths)
+    merged = _chain(model, files, ["merge"] * 4, strengths)
+    out_merged = unet_output(merged[-1])
+    assert rel_err(unet_output(bypassed[-1]), out_merged) < MODEL_TOL
+    unload_all()
+    assert before and all(torch.equal(v, before[k]) for k, v in weights(model.model, list(before)).items())
+
+
 def test_strength_zero_is_the_untouched_model(sd15, loras_dir):
     from safetensors.torch import save_file
 

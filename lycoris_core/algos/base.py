@@ -419,7 +419,7 @@ class Adapter(nn.Module):
         wt = layer.weight
         # inference tensors (ComfyUI runs prompts in inference mode) keep no version counter
         version = 0 if wt.is_inference() else wt._version
-        key = ("dora", wt.data_ptr(), version, str(device))
+        key = ("dora", wt.data_ptr(), version, layer.weight_tag, str(device))
         if key not in self._cache or self._trainable():
             w = layer.dense_weight(device)
             p = self._prepared(device, FP32)
