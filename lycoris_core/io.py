@@ -1,6 +1,7 @@
 """Safetensors: strict header validation, lazy tensor access, atomic and reproducible writing."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -210,6 +211,17 @@ def encode_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
 def layout_order(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """Widest element first, then by name: every tensor starts aligned to its element size."""
     return sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+
+
+def data_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of the data section `write_safetensors` writes for these tensors (everything after
+    the header): kohya's `sshs_model_hash`, which A1111-style UIs use to identify a network."""
+    clean = _cpu_tensors(tensors)
+    digest = hashlib.sha256()
+    for key in layout_order(clean):
+        if clean[key].numel():
+            digest.update(memoryview(clean[key].reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
 
 
 def _temp_beside(path: str) -> str:

@@ -19,7 +19,7 @@ import torch
 from .algos import Adapter
 from .errors import LycorisError, warn
 from .inspect import guess_base_model, uses_tucker
-from .io import write_safetensors
+from .io import data_sha256, write_safetensors
 
 NETWORK_MODULE = "lycoris.kohya"
 MODELSPEC_VERSION = "1.0.0"
@@ -99,6 +99,7 @@ def save_file(adapters: Mapping[str, Adapter | torch.Tensor], path: str | os.Pat
     Never replaces an existing file unless `overwrite`, and never the file the adapters were read
     from. Float tensors are cast to `dtype` (alpha stays fp32); metadata values become strings.
     Tensors with NaN/Inf are saved but warned about (our loader will skip those modules).
+    `sshs_model_hash` (sha256 of the data section, as kohya writes it) is always recomputed.
     """
     path = os.fspath(path)
     _refuse_source(adapters, path)
@@ -109,6 +110,10 @@ def save_file(adapters: Mapping[str, Adapter | torch.Tensor], path: str | os.Pat
         warn(f"{len(bad)} tensors contain NaN or Inf; readers will skip their modules",
              file=path, key=bad[0])
     meta = {str(k): _meta_str(v) for k, v in (metadata or {}).items() if v is not None}
+    # hashes copied from another file (a resumed adapter) would be stale: recompute; the legacy
+    # hash reads bytes at a fixed file offset, which this header's own length shifts, so drop it
+    meta.pop("sshs_legacy_hash", None)
+    meta["sshs_model_hash"] = data_sha256(tensors)
     return write_safetensors(tensors, path, meta, overwrite=overwrite)
 
 

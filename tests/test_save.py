@@ -226,3 +226,22 @@ def test_example_builder_is_deterministic(tmp_path):
     make_example.main(["--out", str(a)])
     make_example.main(["--out", str(b)])
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_model_hash_is_the_sha256_of_the_data_section_and_never_stale(tmp_path):
+    """`sshs_model_hash` as kohya/A1111 define it: sha256 of every byte after the header; a hash
+    carried over in the given metadata (a resumed file) is replaced, a legacy hash dropped."""
+    import hashlib
+    import struct
+
+    tensors = {"m.lora_down.weight": torch.randn(4, 16), "m.lora_up.weight": torch.randn(8, 4).half(),
+               "m.alpha": torch.tensor(2.0)}
+    path = save_file(tensors, tmp_path / "h.safetensors",
+                     {"sshs_model_hash": "0" * 64, "sshs_legacy_hash": "deadbeef", "ss_network_dim": 4})
+    raw = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    meta = json.loads(raw[8:8 + n])["__metadata__"]
+    assert meta["sshs_model_hash"] == hashlib.sha256(raw[8 + n:]).hexdigest()
+    assert "sshs_legacy_hash" not in meta and meta["ss_network_dim"] == "4"
+    other = save_file({**tensors, "m.alpha": torch.tensor(3.0)}, tmp_path / "h2.safetensors")
+    assert read_header(other)[1]["sshs_model_hash"] != meta["sshs_model_hash"]
