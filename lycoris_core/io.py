@@ -178,7 +178,7 @@ class DictSource(Mapping[str, torch.Tensor]):
         return sum(self.key_nbytes(k) for k in self._tensors)
 
 
-def _cpu_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def storable_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Detached, contiguous CPU tensors of a dtype safetensors knows, checked before any write."""
     out: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
@@ -216,7 +216,7 @@ def layout_order(tensors: Mapping[str, torch.Tensor]) -> list[str]:
 def data_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
     """sha256 of the data section `write_safetensors` writes for these tensors (everything after
     the header): kohya's `sshs_model_hash`, which A1111-style UIs use to identify a network."""
-    clean = _cpu_tensors(tensors)
+    clean = storable_tensors(tensors)
     digest = hashlib.sha256()
     for key in layout_order(clean):
         if clean[key].numel():
@@ -251,7 +251,7 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLi
         raise FileExistsError(f"{path}: file exists; pass overwrite=True to replace it")
     if sys.byteorder != "little":
         raise OSError("safetensors is little-endian; writing from a big-endian machine is not supported")
-    clean = _cpu_tensors(tensors)
+    clean = storable_tensors(tensors)
     head = encode_header(clean, metadata or {})
     tmp = _temp_beside(path)
     try:

@@ -19,7 +19,7 @@ import torch
 from .algos import Adapter
 from .errors import LycorisError, warn
 from .inspect import guess_base_model, uses_tucker
-from .io import data_sha256, write_safetensors
+from .io import data_sha256, storable_tensors, write_safetensors
 
 NETWORK_MODULE = "lycoris.kohya"
 MODELSPEC_VERSION = "1.0.0"
@@ -103,7 +103,7 @@ def save_file(adapters: Mapping[str, Adapter | torch.Tensor], path: str | os.Pat
     """
     path = os.fspath(path)
     _refuse_source(adapters, path)
-    tensors = collect_tensors(adapters, dtype)
+    tensors = storable_tensors(collect_tensors(adapters, dtype))  # once: hashed, then written
     bad = [k for k, t in tensors.items() if t.is_floating_point()
            and not bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all())]
     if bad:

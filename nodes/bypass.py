@@ -52,18 +52,25 @@ class BypassRegistry:
         return sum(len(v) for v in self.entries.values())
 
 
-def quantised_reason(root: torch.nn.Module, key: str) -> str | None:
-    """Why a weight cannot be merged exactly (fp8/GGUF/custom op storage), or None."""
-    import comfy.model_patcher
-
-    weight, set_func, convert_func = comfy.model_patcher.get_key_weight(root, key)
-    if set_func is not None or convert_func is not None:
+def storage_reason(module: torch.nn.Module, name: str = "weight") -> str | None:
+    """Why `module`'s stored `name` is not the tensor it computes with (fp8, scaled fp8, GGUF and
+    other tensor subclasses, custom set/convert ops), or None for plain float storage."""
+    if any(callable(getattr(module, f"{op}_{name}", None)) for op in ("set", "convert")):
         return "custom weight op"
+    weight = getattr(module, name, None)
+    if weight is None:
+        return None
     if type(weight) not in (torch.Tensor, torch.nn.Parameter):
         return f"{type(weight).__name__} storage"
     if weight.dtype not in STANDARD_FLOATS:
         return f"{str(weight.dtype).replace('torch.', '')} storage"
     return None
+
+
+def quantised_reason(root: torch.nn.Module, key: str) -> str | None:
+    """Why the weight at `key` cannot be merged exactly (see `storage_reason`), or None."""
+    path, name = key.rsplit(".", 1)
+    return storage_reason(comfy.utils.get_attr(root, path), name)
 
 
 def bypass_unsupported(target, root: torch.nn.Module) -> str | None:
@@ -79,15 +86,6 @@ def bypass_unsupported(target, root: torch.nn.Module) -> str | None:
     if not isinstance(module, torch.nn.Module) or getattr(module, "weight", None) is None:
         return "not a layer with a weight"
     return None
-
-
-def stored_quantised(module: torch.nn.Module) -> bool:
-    """Whether the module's stored weight is not the weight it computes with (fp8, scaled fp8,
-    GGUF and other tensor subclasses or custom ops)."""
-    weight = getattr(module, "weight", None)
-    return (weight is not None and (type(weight) not in (torch.Tensor, torch.nn.Parameter)
-                                    or weight.dtype not in STANDARD_FLOATS)
-            or callable(getattr(module, "convert_weight", None)))
 
 
 def dequantiser(module: torch.nn.Module):
@@ -114,9 +112,9 @@ def dequantiser(module: torch.nn.Module):
     return dense
 
 
-def host_dense_weight(module: torch.nn.Module):
-    """A dequantiser for a module with quantised storage, None for plain float weights."""
-    return dequantiser(module) if stored_quantised(module) else None
+def dequantiser_for(module: torch.nn.Module):
+    """`dequantiser(module)` for a module with quantised storage, None for plain float weights."""
+    return dequantiser(module) if storage_reason(module) else None
 
 
 # ----- the wrapper ---------------------------------------------------------------------------------
@@ -124,12 +122,9 @@ def _slice_layer(layer: LayerSpec, start: int, length: int) -> LayerSpec:
     shape = (length,) + tuple(layer.weight_shape[1:])
     weight = None if layer.weight is None else layer.weight.narrow(0, start, length)
     bias = None if layer.bias is None else layer.bias.narrow(0, start, length)
-    dequantise = layer.dequantise
-    if dequantise is not None:
-        def dequantise(device, whole=layer.dequantise):
-            return whole(device).narrow(0, start, length)
-    return dataclasses.replace(layer, weight_shape=shape, weight=weight, bias=bias,
-                               dequantise=dequantise)
+    whole = layer.dequantise
+    rows = None if whole is None else (lambda device: whole(device).narrow(0, start, length))
+    return dataclasses.replace(layer, weight_shape=shape, weight=weight, bias=bias, dequantise=rows)
 
 
 def _after(layer: LayerSpec, earlier: tuple[BypassEntry, ...]) -> LayerSpec:
@@ -187,7 +182,7 @@ class BypassForward:
         self.original = previous  # an instance-level forward we wrap, or None for the class one
         self.active = True
         # adapters that read W (DoRA, set_weight, dense fallbacks) must see the dequantised weight
-        self.dequantise = host_dense_weight(module)
+        self.dequantise = dequantiser_for(module)
 
     def _base(self):
         if self.original is not None:

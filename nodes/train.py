@@ -42,7 +42,7 @@ from ..lycoris_core.train import (OPTIMIZERS, PRESETS, SCHEDULES, Dropout, Root,
                                   default_kinds, freeze, frozen, kohya_name, resume_adapters,
                                   select_targets, trainable_algorithms)
 from .apply import apply_lycoris
-from .bypass import host_dense_weight
+from .bypass import dequantiser_for
 from .keymap import MODEL, KeyMap, _split_value
 from .loss_plot import draw_loss
 
@@ -229,7 +229,7 @@ def run_training(model, latents: torch.Tensor, conditioning, pairs, trainer: Tra
         conds = [_thaw(c) for c in model_wrap.conds["positive"]]
         model_wrap.conds["positive"] = conds
         blocks = checkpoint_blocks(diffusion) if gradient_checkpointing else []
-        adapters_on = attached(pairs, regularizer=regularizer, dense_weight=host_dense_weight)
+        adapters_on = attached(pairs, regularizer=regularizer, dequantiser_for=dequantiser_for)
         with frozen(diffusion), adapters_on, checkpointed(blocks):
             for step in range(steps):
                 comfy.model_management.throw_exception_if_processing_interrupted()
@@ -445,7 +445,7 @@ class LycorisTrain:
         targets = select_targets(root, preset, include=include, exclude=exclude,
                                  kinds=default_kinds(algorithm), conv=conv_rank > 0)
         built = create_adapters(targets, algorithm, rank, alpha, conv_rank=conv_rank,
-                                conv_alpha=conv_alpha, device=device, dense_weight=host_dense_weight,
+                                conv_alpha=conv_alpha, device=device, dequantiser_for=dequantiser_for,
                                 **options)
         unfit = built.ignored.get("cannot create", [])
         if unfit:

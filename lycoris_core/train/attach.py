@@ -41,10 +41,11 @@ def _restore(module: nn.Module, previous: object) -> None:
         module.forward = previous
 
 
-def _bypass_forward(module: nn.Module, adapter: Adapter, strength: float, regularizer, dense_weight):
+def _bypass_forward(module: nn.Module, adapter: Adapter, strength: float, regularizer,
+                    dequantiser_for):
     original = module.forward
     spec = LayerSpec.from_module(module)
-    spec.dequantise = dense_weight(module) if dense_weight is not None else None
+    spec.dequantise = dequantiser_for(module) if dequantiser_for is not None else None
 
     def forward(x, *args, **kwargs):
         base = original if not (args or kwargs) else (lambda t: original(t, *args, **kwargs))
@@ -60,12 +61,12 @@ def _bypass_forward(module: nn.Module, adapter: Adapter, strength: float, regula
 
 @contextmanager
 def attached(pairs: Iterable[tuple[nn.Module, Adapter]], *, strength: float = 1.0,
-             regularizer=None, dense_weight=None) -> Iterator[None]:
+             regularizer=None, dequantiser_for=None) -> Iterator[None]:
     """Within the block, each module computes `adapter.bypass(x, original forward, strength)`.
 
     `regularizer` (e.g. `loop.Dropout`) is applied while grad is enabled. Modules are restored on
     exit, also after an exception; nest with other forward wrappers in LIFO order.
-    `dense_weight(module)` gives a dequantiser for quantised storage (`LayerSpec.dequantise`).
+    `dequantiser_for(module)` gives a dequantiser for quantised storage (`LayerSpec.dequantise`).
     """
     done: list[tuple[nn.Module, object]] = []
     seen: set[int] = set()
@@ -74,7 +75,7 @@ def attached(pairs: Iterable[tuple[nn.Module, Adapter]], *, strength: float = 1.
             if id(module) in seen:
                 raise ValueError(f"module {type(module).__name__} given twice ({adapter.name})")
             seen.add(id(module))
-            forward = _bypass_forward(module, adapter, strength, regularizer, dense_weight)
+            forward = _bypass_forward(module, adapter, strength, regularizer, dequantiser_for)
             done.append((module, _install(module, forward)))
         yield
     finally:

@@ -85,7 +85,7 @@ class Built:
 def create_adapters(targets: Iterable[Target], algo: str, rank: int = 4, alpha: float | None = None, *,
                     conv_rank: int | None = None, conv_alpha: float | None = None,
                     device: torch.device | str | None = None,
-                    dense_weight: Callable[[nn.Module], Callable | None] | None = None,
+                    dequantiser_for: Callable[[nn.Module], Callable | None] | None = None,
                     **options) -> Built:
     """A fresh adapter of `algo` (standard init, dW = 0, fp32, requires_grad) for every target.
 
@@ -95,7 +95,7 @@ def create_adapters(targets: Iterable[Target], algo: str, rank: int = 4, alpha: 
     kind the algorithm cannot train are skipped (`ignored["layer kind"]`), and so are layers whose
     `create` refuses these settings (`ignored["cannot create"]`, with the reason; e.g. BOFT needs a
     block size that splits the channels). Raises when no adapter at all could be made.
-    `dense_weight(module)` gives a dequantiser for layers with quantised storage (see
+    `dequantiser_for(module)` gives a dequantiser for layers with quantised storage (see
     `LayerSpec.dequantise`), so DoRA starts from the true weight norm.
     """
     cls = REGISTRY.get(algo)
@@ -114,7 +114,7 @@ def create_adapters(targets: Iterable[Target], algo: str, rank: int = 4, alpha: 
             skipped.append(t.name)
             continue
         spec = LayerSpec.from_module(t.module)
-        spec.dequantise = dense_weight(t.module) if dense_weight is not None else None
+        spec.dequantise = dequantiser_for(t.module) if dequantiser_for is not None else None
         kw = dict(accepted)
         if t.kernel_is_spatial:
             if "rank" in kw and conv_rank:

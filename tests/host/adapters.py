@@ -115,7 +115,7 @@ def module_tensors(case: Case, module: torch.nn.Module, seed: int) -> dict[str, 
         return READ_ONLY_BUILDERS[case.algo](tuple(module.weight.shape), g)
     cls = REGISTRY[case.algo]
     spec = LayerSpec.from_module(module)
-    dense = pack_module("nodes.bypass").host_dense_weight(module)  # quantised storage: dequantise
+    dense = pack_module("nodes.bypass").dequantiser_for(module)  # quantised storage: dequantise
     spec.weight = dense(torch.device("cpu")) if dense else module.weight.detach().float()
     spec.bias = None if module.bias is None else module.bias.detach().float()
     params = inspect.signature(cls.create).parameters
