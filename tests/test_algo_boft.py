@@ -151,8 +151,8 @@ def test_trainable_starts_at_identity_and_gets_gradients(kind, rescaled):
 
 @pytest.mark.parametrize("blocks", [(4, 8, 6), (5, 16, 4), (6, 32, 10), (3, 4, 2), (1, 1, 48)])
 def test_grouped_streaming_merge_equals_the_stagewise_butterfly(blocks, monkeypatch):
-    """Merging runs several stages per dense block and streams column chunks (on the chunk
-    pool); it must equal the stage-by-stage butterfly, rescale and strength included."""
+    """Merging runs several stages per dense block and streams column chunks (reusing one
+    scratch pair); it must equal the stage-by-stage butterfly, rescale and strength included."""
     import lycoris_core.algos.base as base
 
     stages, n, b = blocks

@@ -7,9 +7,6 @@ the trainable scalar, strength 0, dtype handling and row-chunked merging live he
 from __future__ import annotations
 
 import math
-import threading
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor, wait
 from typing import ClassVar
 
 import torch
@@ -20,85 +17,7 @@ from ..layer import LayerSpec
 
 FP32 = torch.float32
 CHUNK_ELEMENTS = 1 << 19  # rows are merged in ~2 MB fp32 chunks: cache friendly, no full fp32 copy
-MIN_SPLIT = 1 << 16  # weights above this many elements per worker are shared by the chunk workers
 DORA_EPS = torch.finfo(torch.float32).eps
-
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-_LOCAL = threading.local()  # `worker` is set on the pool's own threads
-
-
-def _chunk_pool() -> ThreadPoolExecutor | None:
-    """One worker per intra-op thread, each running its torch ops single-threaded (None when
-    torch uses one thread). Chunks are independent, so the workers never wait for each other:
-    on a busy machine one descheduled worker does not stall the other, where every multi-threaded
-    op of a serial loop ends in a barrier that waits for its slowest thread (up to a scheduler
-    time slice per op, which dominated merges of many small chunks)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            threads = torch.get_num_threads()
-            if threads < 2:
-                return None
-            started = threading.Barrier(threads)
-
-            def init() -> None:
-                torch.get_num_threads()  # torch's once-per-thread init first, or it undoes the next
-                torch.set_num_threads(1)  # this worker's OpenMP/MKL settings (thread-local)
-                _LOCAL.worker = True
-                started.wait()  # all workers exist before the process default is restored
-
-            pool = ThreadPoolExecutor(threads, thread_name_prefix="lycoris-merge", initializer=init)
-            wait([pool.submit(int) for _ in range(threads)])
-            torch.set_num_threads(threads)  # set_num_threads also moved the process default
-            _POOL = pool
-    return _POOL
-
-
-def _worker_pool(device: torch.device) -> ThreadPoolExecutor | None:
-    """The chunk pool for CPU work started outside it, else None (run inline)."""
-    if device.type != "cpu" or getattr(_LOCAL, "worker", False):
-        return None
-    return _chunk_pool()
-
-
-def _in_caller_mode(fn: Callable):
-    """`fn` wrapped to run in the caller's inference mode (thread-local: the host patches in
-    inference mode, and in-place ops on inference tensors need it) without autograd."""
-    inference = torch.is_inference_mode_enabled()
-
-    def run(*args):
-        with torch.inference_mode(inference), torch.no_grad():
-            return fn(*args)
-
-    return run
-
-
-def run_single(fn: Callable[[], object], device: torch.device):
-    """`fn()` on one pool worker (its torch ops single-threaded) for CPU work, inline otherwise:
-    the small ops of a merge's setup gain nothing from two threads and stall on a busy machine."""
-    pool = _worker_pool(device)
-    if pool is None:
-        return fn()
-    return pool.submit(_in_caller_mode(fn)).result()
-
-
-def run_chunks(fn: Callable[[object], None], items: Iterable, device: torch.device, *,
-               single_inline: bool = True) -> None:
-    """`fn(item)` for every item, on the chunk pool for CPU tensors (inline on other devices,
-    inside a worker, and for a single item when `single_inline`); returns when all are done,
-    raising the first error."""
-    items = list(items)
-    pool = _worker_pool(device) if len(items) > 1 or not single_inline else None
-    if pool is None:
-        for item in items:
-            fn(item)
-        return
-    futures = [pool.submit(_in_caller_mode(fn), item) for item in items]
-    wait(futures)
-    for future in futures:
-        future.result()
-
 
 def scalar_value(t: torch.Tensor | float | int | None, *, file: str | None, key: str) -> float | None:
     """A 0-d or 1-element tensor (any dtype) or a number as float; None stays None."""
@@ -131,8 +50,9 @@ class Adapter(nn.Module):
     # chunks hold up to chunk_factor * CHUNK_ELEMENTS elements: algorithms whose merge kernel
     # needs no temporaries (one in-place addmm / addcmul) take larger chunks
     chunk_factor: ClassVar[int] = 1
-    # merge_rows streams column chunks on the chunk pool itself (the row chunk runs inline)
-    streams_columns: ClassVar[bool] = False
+    # an fp32 weight is merged in one call over all rows (the kernel is one in-place BLAS call
+    # that blocks for the cache itself; chunking only adds calls)
+    whole_fp32: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -307,35 +227,25 @@ class Adapter(nn.Module):
         rows_total = weight.shape[0]
         row_elems = max(1, weight[0].numel())
         budget = CHUNK_ELEMENTS * self.chunk_factor
-        pool = _worker_pool(weight.device)
-        if pool is not None and not self.streams_columns:  # at least a chunk per worker
-            budget = min(budget, max(MIN_SPLIT, -(-weight.numel() // pool._max_workers)))
         step = max(self.row_block, (budget // row_elems) // self.row_block * self.row_block)
-
-        def setup() -> dict:
+        if self.whole_fp32 and weight.dtype == FP32:
+            step = rows_total
+        with torch.no_grad():
             p = self._prepared(weight.device, FP32)
             self.prepare_merge(p, strength)
-            return p
-
-        def chunk(start: int) -> None:
-            rows = slice(start, min(start + step, rows_total))
-            if weight.dtype == FP32:
-                self.merge_rows(weight[rows], rows, p, strength, out[rows])
-            else:
-                scratch = weight[rows].to(FP32)
-                self.merge_rows(scratch, rows, p, strength, scratch)
-                out[rows] = scratch
-
-        with torch.no_grad():
-            # a column-streaming merge spreads its own setup over the workers
-            p = setup() if self.streams_columns else run_single(setup, weight.device)
-            run_chunks(chunk, range(0, rows_total, step), weight.device,
-                       single_inline=self.streams_columns)
+            for start in range(0, rows_total, step):
+                rows = slice(start, min(start + step, rows_total))
+                if weight.dtype == FP32:
+                    self.merge_rows(weight[rows], rows, p, strength, out[rows])
+                else:
+                    scratch = weight[rows].to(FP32)
+                    self.merge_rows(scratch, rows, p, strength, scratch)
+                    out[rows] = scratch
         return out
 
     def prepare_merge(self, p: dict, strength: float) -> None:
         """Add to the prepared factors what every chunk of a merge at this strength shares
-        (called once per merge, before the chunks run, possibly in parallel)."""
+        (called once per merge, before the chunks run)."""
 
     def merge_rows(self, w: torch.Tensor, rows: slice, p: dict, strength: float,
                    dest: torch.Tensor) -> None:

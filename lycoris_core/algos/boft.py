@@ -73,10 +73,8 @@ def stage_groups(r: torch.Tensor, rescale: torch.Tensor | None = None,
     while half << (per + 1) <= target:
         per += 1
     spans = [(s0, min(per, stages - s0)) for s0 in range(0, stages, per)]
-    groups: list = [None] * len(spans)
-
-    def build(i: int) -> None:
-        s0, count = spans[i]
+    groups = []
+    for s0, count in spans:
         size, low = half << count, 1 << s0
         high = out_dim // (size * low)
         # probe row q marks, in every block, the channel with in-block index q; pushing the rows
@@ -90,9 +88,7 @@ def stage_groups(r: torch.Tensor, rescale: torch.Tensor | None = None,
         if s0 + count == stages and rescale is not None:  # high == 1: blocks are (u_low)
             scale = rescale.reshape(1 << count, low, half).transpose(0, 1).reshape(low, size, 1)
             blocks = blocks * scale
-        groups[i] = (s0, count, blocks.contiguous())
-
-    base.run_chunks(build, range(len(spans)), r.device)
+        groups.append((s0, count, blocks.contiguous()))
     return groups
 
 
@@ -151,7 +147,7 @@ class BOFT(OrthogonalAdapter):
         return self
 
     def prepare(self, device, dtype):
-        p = {"r": cayley(self.oft_blocks.to(device), self.constraint, self.out_dim, parallel=True)}
+        p = {"r": cayley(self.oft_blocks.to(device), self.constraint, self.out_dim)}
         scale = self.rescale_vector(device)
         if scale is not None:
             p["rescale"] = scale
@@ -165,8 +161,6 @@ class BOFT(OrthogonalAdapter):
     def diff(self, weight, rows, p):
         cols = weight.reshape(weight.shape[0], -1).t()  # rows of W as the last axis
         return self.rotate(cols, p).t().reshape(weight.shape) - weight
-
-    streams_columns = True
 
     @property
     def row_block(self) -> int:  # merge takes all rows at once and streams column chunks
@@ -183,22 +177,16 @@ class BOFT(OrthogonalAdapter):
         split = (1 << count, -1, half)  # natural rows as (u_grp, u_low, j) of the last group
         w2, d2 = w.reshape(w.shape[0], -1), dest.view(dest.shape[0], -1)
         width = w2.shape[1]
-        budget = base.CHUNK_ELEMENTS
-        pool = base._worker_pool(w.device)
-        if pool is not None:  # at least a chunk per worker
-            budget = min(budget, max(base.MIN_SPLIT, -(-w.numel() // pool._max_workers)))
-        step = min(width, max(16, budget // self.out_dim))
-
-        def chunk(f0: int) -> None:  # the butterfly mixes rows only: columns are independent
+        step = min(width, max(16, base.CHUNK_ELEMENTS // self.out_dim))
+        scratch = (w2.new_empty(self.out_dim * step), w2.new_empty(self.out_dim * step))
+        for f0 in range(0, width, step):  # the butterfly mixes rows only: columns are independent
             cols = slice(f0, min(width, f0 + step))
-            y = butterfly_rows(groups, half, w2[:, cols])
+            y = butterfly_rows(groups, half, w2[:, cols], scratch)
             d = d2[:, cols].unflatten(0, split)
             if alpha == 1:
                 d.copy_(y)
             else:
                 torch.lerp(w2[:, cols].unflatten(0, split), y, alpha, out=d)
-
-        base.run_chunks(chunk, range(0, width, step), w.device)
 
     def prepare_merge(self, p, strength):
         if "_groups" not in p:

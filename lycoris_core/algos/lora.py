@@ -76,6 +76,10 @@ class LoRA(Adapter):
     def chunk_factor(self):  # one in-place addmm, no temporaries: larger chunks
         return 1 if self.dora_scale is not None else 4
 
+    @property
+    def whole_fp32(self):  # without DoRA the merge is one in-place addmm
+        return self.dora_scale is None
+
     def add_delta(self, w, rows, p, alpha, dest):
         w2, d2 = w.reshape(w.shape[0], -1), dest.reshape(dest.shape[0], -1)
         if d2.data_ptr() == w2.data_ptr():

@@ -26,20 +26,18 @@ import torch
 
 from ..errors import LycorisError, LycorisShapeError, warn
 from ..layer import LayerSpec
-from .base import FP32, Adapter, run_chunks, scalar_value
+from .base import FP32, Adapter, scalar_value
 from .ops import check_dim, factorization, require
 from .registry import register
 
 NORM_EPS = 1e-8  # LyCORIS adds this to ||Q||_F before comparing with the bound
 
 
-def cayley(blocks: torch.Tensor, constraint: float | None, out_dim: int, *,
-           parallel: bool = False) -> torch.Tensor:
+def cayley(blocks: torch.Tensor, constraint: float | None, out_dim: int) -> torch.Tensor:
     """fp32 rotations `(I + Q)(I - Q)^-1` for `Q = B - B^T` over the last two axes of `blocks`.
 
     With a positive finite `constraint` c, Q is scaled down so that ||Q||_F (all blocks together)
-    stays within c * out_dim, as LyCORIS and kohya do. `parallel` (merging, no autograd): solve
-    the slices along the first axis on the chunk workers.
+    stays within c * out_dim, as LyCORIS and kohya do.
     """
     b = blocks.to(FP32)
     q = b - b.transpose(-1, -2)
@@ -49,15 +47,7 @@ def cayley(blocks: torch.Tensor, constraint: float | None, out_dim: int, *,
         q = torch.where(norm > bound, q * bound / norm, q)  # no host sync, differentiable
     eye = torch.eye(q.shape[-1], device=q.device, dtype=FP32)
     # (I + Q) and (I - Q)^-1 commute, so R = solve(I - Q, I + Q); I - Q is invertible for skew Q
-    if not parallel or q.ndim < 4 or torch.is_grad_enabled() and q.requires_grad:
-        return torch.linalg.solve(eye - q, eye + q)
-    out = torch.empty_like(q)
-
-    def part(i: int) -> None:
-        torch.linalg.solve(eye - q[i], eye + q[i], out=out[i])
-
-    run_chunks(part, range(q.shape[0]), q.device)
-    return out
+    return torch.linalg.solve(eye - q, eye + q)
 
 
 def channels_last(y: torch.Tensor, layer: LayerSpec) -> torch.Tensor:
