@@ -72,9 +72,9 @@ def stage_groups(r: torch.Tensor, rescale: torch.Tensor | None = None,
     per = 1
     while half << (per + 1) <= target:
         per += 1
-    spans = [(s0, min(per, stages - s0)) for s0 in range(0, stages, per)]
     groups = []
-    for s0, count in spans:
+    for s0 in range(0, stages, per):
+        count = min(per, stages - s0)
         size, low = half << count, 1 << s0
         high = out_dim // (size * low)
         # probe row q marks, in every block, the channel with in-block index q; pushing the rows
