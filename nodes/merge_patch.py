@@ -8,6 +8,7 @@ offset is used) and let exceptions through: a patch that cannot be applied must 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from comfy.weight_adapter import WeightAdapterBase
@@ -26,15 +27,38 @@ def _is_identity(function, like: torch.Tensor) -> bool:
         return False
 
 
-class _Patch(WeightAdapterBase):
-    """Common state of our weight and bias patches."""
+@dataclass(frozen=True)
+class PatchSpec:
+    """The non-tensor part of a patch: which adapter (a template whose tensors may be replaced)
+    and which module of the file. Rides as the last element of the patch's `weights`."""
 
-    def __init__(self, adapter, module_name: str):
-        self.adapter = adapter
-        self.module_name = module_name
-        self.name = f"lycoris:{adapter.algo}"
-        self.loaded_keys: set[str] = set()
-        self.weights = ()
+    template: object  # lycoris_core Adapter
+    module_name: str
+
+
+class _Patch(WeightAdapterBase):
+    """Common state of our weight and bias patches.
+
+    Follows the host's adapter contract: the constructor takes `(loaded_keys, weights)`, every
+    tensor is in `weights` (the adapter's own tensors, then the `PatchSpec`), and the rest derives
+    from them, so a host may rebuild the patch as `type(p)(p.loaded_keys, <weights moved>)`.
+    """
+
+    def __init__(self, loaded_keys, weights):
+        weights = tuple(weights)
+        spec = weights[-1] if weights else None
+        if not isinstance(spec, PatchSpec):
+            raise LycorisError(f"{type(self).__name__} weights must end with a PatchSpec, got "
+                               f"{type(spec).__name__}")
+        self.loaded_keys = loaded_keys
+        self.weights = weights
+        self.module_name = spec.module_name
+        self.adapter = spec.template.with_tensors(weights[:-1])
+        self.name = f"lycoris:{self.adapter.algo}"
+
+    @classmethod
+    def of(cls, adapter, module_name: str) -> "_Patch":
+        return cls(set(), (*adapter.tensor_values(), PatchSpec(adapter, module_name)))
 
     def calculate_shape(self, key):  # newer hosts: our patches never change a weight's shape
         return None
@@ -100,9 +124,9 @@ def add_merge_patches(patcher, items: Iterable[tuple], part_label: str) -> int:
     batches: list[tuple[float, dict]] = []
     last: dict = {}  # key -> index of the last batch that patches it
     for target, strength, with_bias in items:
-        patches = {target.patch_key: LycorisWeightPatch(target.adapter, target.name)}
+        patches = {target.patch_key: LycorisWeightPatch.of(target.adapter, target.name)}
         if with_bias:
-            patches[target.bias_patch_key] = LycorisBiasPatch(target.adapter, target.name)
+            patches[target.bias_patch_key] = LycorisBiasPatch.of(target.adapter, target.name)
         after = max((last[k] for k in patches if k in last), default=-1)
         index = next((i for i in range(after + 1, len(batches)) if batches[i][0] == strength), None)
         if index is None:

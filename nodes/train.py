@@ -40,7 +40,7 @@ from ..lycoris_core.save import standard_metadata
 from ..lycoris_core.train import (OPTIMIZERS, PRESETS, SCHEDULES, Dropout, Root, Trainer, attached,
                                   autograd_safe, checkpoint_blocks, checkpointed, create_adapters,
                                   default_kinds, freeze, frozen, kohya_name, resume_adapters,
-                                  select_targets, trainable_algorithms)
+                                  select_targets, trainable_algorithms, wrapper_weights_kept)
 from .apply import apply_lycoris
 from .bypass import dequantiser_for
 from .keymap import MODEL, KeyMap, _split_value
@@ -375,7 +375,8 @@ class LycorisTrain:
         compute = DTYPES[training_dtype] or mp.model.manual_cast_dtype or mp.model.get_dtype()
         device = mp.load_device
         rng_devices = [device] if device.type == "cuda" else []
-        with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(rng_devices):
+        with wrapper_weights_kept(mp.model), torch.inference_mode(False), torch.enable_grad(), \
+                torch.random.fork_rng(rng_devices):
             torch.manual_seed(seed)  # adapter init and dropout draws, without touching the caller's RNG
             if resume is not None:
                 built, kept = self._resumed(mp, resume, device)

@@ -25,7 +25,7 @@ import urllib.request
 import pytest
 
 from block_files import BLOCKS, FILE_NAME, write_sd15_file
-from host.host import ROOT, comfyui_path, missing_reason
+from host.host import ROOT, comfyui_path, missing_reason, subprocess_env
 
 PACK_FOLDER = "comfyui-lycoris"
 ARTIFACTS = os.path.join(ROOT, "test-artifacts")
@@ -128,7 +128,7 @@ class Server:
                "--disable-auto-launch", "--disable-api-nodes", "--disable-all-custom-nodes",
                "--whitelist-custom-nodes", PACK_FOLDER, "--database-url", "sqlite:///:memory:"]
         self._log = open(self.log_path, "wb")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(subprocess_env(), PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(cmd, cwd=comfyui_path(), stdout=self._log,
                                      stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + SERVER_START_S

@@ -16,7 +16,7 @@ import uuid
 import pytest
 
 from host.adapters import Case, build_case
-from host.host import ROOT, comfyui_path
+from host.host import ROOT, comfyui_path, subprocess_env
 
 PACK_FOLDER = "comfyui-lycoris"
 START_TIMEOUT = 180
@@ -44,7 +44,8 @@ class Server:
                "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_FOLDER]
         self.log_path = log_path
         self.log = open(log_path, "wb")
-        self.process = subprocess.Popen(cmd, cwd=comfyui_path(), stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(cmd, cwd=comfyui_path(), stdout=self.log, stderr=subprocess.STDOUT,
+                                        env=subprocess_env())
 
     def log_tail(self, n: int = 4000) -> str:
         self.log.flush()

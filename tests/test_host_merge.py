@@ -217,6 +217,12 @@ def test_patch_errors_are_raised_not_swallowed(sd15):
         def clear_cache(self):
             pass
 
+        def tensor_values(self):
+            return ()
+
+        def with_tensors(self, values):
+            return self
+
     clone = sd15[0].clone()
     key = "diffusion_model.input_blocks.1.1.proj_in.weight"
     add_merge_patches(clone, [(Target("broken", Broken(), "model", key), 1.0, False)], "model")
@@ -234,3 +240,43 @@ def test_bias_change_on_a_layer_without_bias_is_reported(sd15):
     assert "bias change ignored in merge mode: the layer has no bias: 1" in report
     _, _, report = apply(model, None, tensors, 1.0, 0.0, "bypass")
     assert "ignored" not in report and "1 bypassed" in report
+
+
+def _rebuilt(patch):
+    """The patch rebuilt the way hosts with dynamic VRAM do before use: from its constructor
+    arguments, every tensor of `weights` moved (here: copied to new storage, as a move to another
+    device would), other elements passed as they are."""
+    moved = tuple(w.clone() if isinstance(w, torch.Tensor) else w for w in patch.weights)
+    return type(patch)(patch.loaded_keys, moved)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_patches_survive_the_hosts_rebuild_bit_for_bit(case, sd15):
+    """Newer hosts rebuild every weight patch as `type(p)(p.loaded_keys, <p.weights moved>)`
+    (dynamic VRAM): our patches must follow that contract and compute the same bits after it."""
+    _Patch = pack_module("nodes.merge_patch")._Patch
+    model, clip, _ = sd15
+    files = build_case(case, model, clip)
+    new_model, new_clip, _ = apply(model, clip, files.tensors, 0.7, -0.4, "merge")
+    checked = 0
+    for patcher in (new_model, new_clip.patcher):
+        for key, entries in patcher.patches.items():
+            weight = weights(patcher.model, [key])[key]
+            for strength, patch, strength_model, offset, function in entries:
+                if not isinstance(patch, _Patch):
+                    continue
+                rebuilt = _rebuilt(patch)
+                assert rebuilt.adapter is not patch.adapter
+                tensors = [w for w in rebuilt.weights if isinstance(w, torch.Tensor)]
+                assert all(a.data_ptr() == b.data_ptr() for a, b in zip(rebuilt.adapter.tensor_values(), tensors))
+                assert len(tensors) == len(patch.adapter.tensor_values())
+                w = weight.float()
+                if offset is not None:
+                    w = w.narrow(*offset)
+                args = (key, strength, strength_model, offset, function, torch.float32, None)
+                before = patch.calculate_weight(w.clone(), *args)
+                after = rebuilt.calculate_weight(w.clone(), *args)
+                assert torch.equal(before, after), f"{case.id} {key}"
+                assert not torch.equal(before, w), f"{case.id} {key}: the patch changed nothing"
+                checked += 1
+    assert checked >= len(files.targets), f"{case.id}: only {checked} patches checked"

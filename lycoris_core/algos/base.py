@@ -6,6 +6,7 @@ the trainable scalar, strength 0, dtype handling and row-chunked merging live he
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import ClassVar
 
@@ -353,6 +354,37 @@ class Adapter(nn.Module):
             return y + m * (layer.channel_view(s, merged) * merged - wx)
         xs = x * layer.channel_view(s.to(x.dtype), x)
         return y + m * (base_forward(xs) + self.delta_forward(xs, layer, p) - y)
+
+    # ----- tensors apart from configuration (hosts that move or rebuild patches) -----------
+    def tensor_names(self) -> tuple[str, ...]:
+        """Names of every tensor this adapter computes with (its own parameters), in a fixed order."""
+        return tuple(name for name, _ in self.named_parameters(recurse=False))
+
+    def tensor_values(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, name) for name in self.tensor_names())
+
+    def with_tensors(self, values) -> "Adapter":
+        """This adapter with its tensors replaced by `values` (same order as `tensor_names`, e.g.
+        moved to another device by a host), sharing everything else; `self` when nothing changed."""
+        names = self.tensor_names()
+        values = tuple(values)
+        if len(values) != len(names):
+            raise LycorisError(f"expected {len(names)} tensors ({', '.join(names)}), got {len(values)}",
+                               file=self.file, key=self.name)
+        current = self.tensor_values()
+        if all(v is c for v, c in zip(values, current)):
+            return self
+        new = copy.copy(self)
+        new._parameters = dict(self._parameters)  # copy.copy would share the parameter dict
+        new._cache = {}
+        for name, old, value in zip(names, current, values):
+            if tuple(value.shape) != tuple(old.shape):
+                raise LycorisShapeError(f"{name} has shape {list(value.shape)}, expected "
+                                        f"{list(old.shape)}", file=self.file, key=self.name)
+            if not isinstance(value, nn.Parameter):
+                value = nn.Parameter(value, requires_grad=False)
+            new._parameters[name] = value
+        return new
 
     # ----- files and training -------------------------------------------------------------
     def export(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -140,6 +140,25 @@ def frozen(*roots: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def _is_wrapper_subclass(t: torch.Tensor) -> bool:
+    """Quantised weights held as wrapper tensor subclasses (e.g. a host's QuantizedTensor)."""
+    return callable(getattr(type(t), "__tensor_flatten__", None))
+
+
+@contextmanager
+def wrapper_weights_kept(root: nn.Module):
+    """Put back the frozen wrapper-subclass parameters (quantised weights) that a host replaced
+    while training ran outside inference mode: its copies made there break detach() inside
+    inference mode, where the rest of the graph runs (the values never change: they are frozen)."""
+    kept = [(m, n, p) for m in root.modules() for n, p in m.named_parameters(recurse=False)
+            if _is_wrapper_subclass(p)]
+    try:
+        yield
+    finally:
+        for module, name, param in kept:
+            module._parameters[name] = param
+
+
 def autograd_safe(*roots: nn.Module) -> int:
     """Replace inference-mode parameters and buffers below `roots` by normal copies (same values,
     same names, new Parameter objects); return how many were replaced.
@@ -154,6 +173,10 @@ def autograd_safe(*roots: nn.Module) -> int:
         for root in roots:
             for module in root.modules():
                 for name, p in list(module.named_parameters(recurse=False)):
+                    if _is_wrapper_subclass(p):
+                        # frozen quantised storage is only dequantised, never saved for backward;
+                        # a normal copy of one breaks its own detach() under inference mode
+                        continue
                     if p.is_inference():
                         # a new Parameter: setting `.data` leaves the object flagged as inference
                         module._parameters[name] = nn.Parameter(p.data.clone(), requires_grad=p.requires_grad)

@@ -86,8 +86,9 @@ class Originals:
 def sample_input(module: torch.nn.Module, seed: int = 0) -> torch.Tensor:
     """A small fp32 input batch for a Linear / Conv2d / norm layer."""
     g = torch.Generator().manual_seed(seed)
-    if isinstance(module, torch.nn.Linear):
-        return torch.randn(2, 5, module.in_features, generator=g)
+    weight = getattr(module, "weight", None)
+    if isinstance(module, torch.nn.Linear) or (weight is not None and weight.ndim == 2):
+        return torch.randn(2, 5, weight.shape[1], generator=g)  # also Linears of custom op sets
     if isinstance(module, torch.nn.Conv2d):
         return torch.randn(1, module.in_channels, 8, 8, generator=g)
     if isinstance(module, torch.nn.GroupNorm):
@@ -141,4 +142,37 @@ def scaled_fp8_unet(model):
             sd[f"{name}.weight"] = (w / scale).to(torch.float8_e4m3fn)
             sd[f"{name}.scale_weight"] = scale.reshape(())
     sd["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
-    return comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": torch.float32})
+    # as the host's executor loads models: newer hosts' quantised layers fail to move otherwise
+    with torch.inference_mode():
+        return comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": torch.float32})
+
+
+def is_fp8_storage(weight) -> bool:
+    """Stored as fp8: a plain fp8 tensor (older hosts) or the host's QuantizedTensor (newer hosts,
+    which report the logical dtype)."""
+    return weight.dtype == torch.float8_e4m3fn or (
+        callable(getattr(weight, "dequantize", None)) and "Quantized" in type(weight).__name__)
+
+
+def stored_bytes(weight) -> torch.Tensor:
+    """The raw stored values of a weight (every inner tensor of a tensor subclass), to check that
+    nothing rewrote them."""
+    flatten = getattr(weight, "__tensor_flatten__", None)
+    parts = [getattr(weight, n) for n in flatten()[0]] if callable(flatten) else [weight]
+    return torch.cat([t.detach().reshape(-1).view(torch.uint8) for t in parts]).clone()
+
+
+def raw_fp8_values(weight) -> torch.Tensor:
+    """The stored fp8 values as fp32, without any scale."""
+    flatten = getattr(weight, "__tensor_flatten__", None)
+    inner = getattr(weight, flatten()[0][0]) if callable(flatten) else weight
+    return inner.float()
+
+
+def fp8_dense(module) -> torch.Tensor:
+    """The fp32 weight a scaled-fp8 layer computes with, by the host's own means: the
+    QuantizedTensor's dequantize() (newer hosts) or stored values x scale_weight (older hosts)."""
+    weight = module.weight
+    if callable(getattr(weight, "dequantize", None)) and "Quantized" in type(weight).__name__:
+        return weight.dequantize().float()
+    return weight.float() * module.scale_weight.float()
