@@ -244,8 +244,15 @@ def test_bias_change_on_a_layer_without_bias_is_reported(sd15):
 
 def _rebuilt(patch):
     """The patch rebuilt the way hosts with dynamic VRAM do before use: from its constructor
-    arguments, every tensor of `weights` moved (here: copied to new storage, as a move to another
-    device would), other elements passed as they are."""
+    arguments, every tensor of `weights` moved, other elements passed as they are. Through the
+    host's own function where it has one (`comfy.lora.prefetch_prepared_value`, which rebuilds
+    as `type(p)(p.loaded_keys, <weights moved>)`), then with every tensor copied to new storage,
+    as a move to another device would."""
+    import comfy.lora
+
+    host_rebuild = getattr(comfy.lora, "prefetch_prepared_value", None)
+    if host_rebuild is not None:
+        patch = host_rebuild(patch, [0], None, None, False)
     moved = tuple(w.clone() if isinstance(w, torch.Tensor) else w for w in patch.weights)
     return type(patch)(patch.loaded_keys, moved)
 
@@ -280,3 +287,36 @@ def test_patches_survive_the_hosts_rebuild_bit_for_bit(case, sd15):
                 assert not torch.equal(before, w), f"{case.id} {key}: the patch changed nothing"
                 checked += 1
     assert checked >= len(files.targets), f"{case.id}: only {checked} patches checked"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("algo", ["lora", "loha", "lokr"])
+def test_half_precision_intermediates_are_no_worse_than_core(algo, dtype, sd15, originals):
+    """Newer hosts hand calculate_weight a working weight in fp16/bf16 with that intermediate dtype
+    (fp16 on CUDA, the weight's own dtype under lowvram). Against the float64 result, our patch at
+    that dtype is no further off than core's own adapter on the same file."""
+    import comfy.lora
+
+    _Patch = pack_module("nodes.merge_patch")._Patch
+    model, clip, _ = sd15
+    files = build_case(Case(algo), model, None)
+    new_model, _, _ = apply(model, None, files.tensors, 0.7, 0.0, "merge")
+    core = comfy.lora.load_lora(files.tensors, comfy.lora.model_lora_keys_unet(model.model, {}))
+    checked = 0
+    for key, entries in new_model.patches.items():
+        ours = [e for e in entries if isinstance(e[1], _Patch)]
+        if key not in core or not ours:
+            continue
+        w0 = originals[key]
+
+        def run(patch, dt, working):
+            return comfy.lora.calculate_weight([(0.7, patch, 1.0, None, None)], working, key,
+                                               intermediate_dtype=dt)
+
+        exact = run(core[key], torch.float64, w0.double())
+        err_ours = rel_err(run(ours[0][1], dtype, w0.to(dtype)) - w0.double(), exact - w0.double())
+        err_core = rel_err(run(core[key], dtype, w0.to(dtype)) - w0.double(), exact - w0.double())
+        assert err_ours <= err_core * 1.05 + 1e-6, f"{algo} {key}: ours {err_ours:.2e}, core {err_core:.2e}"
+        checked += 1
+    assert checked, f"{algo}: no key patched by both"
+    unload_all()

@@ -128,7 +128,9 @@ class Frozen:
 def reference_loss(T, host_model, pairs=()):
     """The fixed objective's loss of the model with these (module, adapter) pairs attached."""
     model, cond, _, latent = host_model
-    with torch.inference_mode(False):
+    from lycoris_core.train import wrapper_weights_kept
+
+    with wrapper_weights_kept(model.model), torch.inference_mode(False):
         mp = model.clone()
         return T.run_training(mp, latent["samples"].clone(), T._thaw(cond), list(pairs), Frozen(),
                               steps=1, batch_size=1, seed=0, regularizer=None,
