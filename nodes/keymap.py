@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import comfy.lora
-import torch
 
 from ..lycoris_core.blocks.names import is_text_encoder, unet_path
 
@@ -82,13 +81,9 @@ class KeyMap:
     """Name lookup for one model (UNet/DiT) and/or one text encoder set."""
 
     def __init__(self, model=None, clip=None):
-        # fresh dicts: the host functions have a mutable default argument. They read state_dict()
-        # keys: outside inference mode, where quantised wrapper weights (QuantizedTensor) made in
-        # or out of it both detach (inside it, ones made outside it raise)
-        with torch.inference_mode(False):
-            self.unet = comfy.lora.model_lora_keys_unet(model.model, {}) if model is not None else {}
-            self.clip = (comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
-                         if clip is not None else {})
+        # fresh dicts: the host functions have a mutable default argument
+        self.unet = comfy.lora.model_lora_keys_unet(model.model, {}) if model is not None else {}
+        self.clip = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}) if clip is not None else {}
         self.has_model = model is not None
         self.has_clip = clip is not None
         self._normalised = self._index(self.unet)

@@ -194,7 +194,8 @@ def test_scaled_fp8_bypass_reads_the_dequantised_weight(sd15, case):
         files = _set_weight_file(model, key)
     else:
         algo, options = ("glora", ()) if case == "glora" else ("lora", (("dora", case[5:]),))
-        files = build_case(Case(algo, options), model, None, sites={"linear": key})
+        with torch.inference_mode():  # the model's weights were loaded in inference mode
+            files = build_case(Case(algo, options), model, None, sites={"linear": key})
     assert list(files.targets.values()) == [key]
     strength = 0.7
     new_model, _, report = apply(model, None, files.tensors, strength, 0.0, "auto")

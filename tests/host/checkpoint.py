@@ -11,6 +11,8 @@ import tempfile
 
 import torch
 
+from .host import cache_root
+
 CHECKPOINT_NAME = "sd15_random_fp16.safetensors"
 FORMAT_VERSION = "1"  # bump when the builder changes, so stale caches are rebuilt
 
@@ -31,8 +33,7 @@ SD15_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels":
 
 def cache_dir() -> str:
     """Where test models live: $LYCORIS_TEST_CACHE or ~/.cache/comfyui-lycoris-tests."""
-    path = os.environ.get("LYCORIS_TEST_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "comfyui-lycoris-tests")
+    path = cache_root()
     os.makedirs(path, exist_ok=True)
     return path
 

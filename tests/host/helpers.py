@@ -147,32 +147,39 @@ def scaled_fp8_unet(model):
         return comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": torch.float32})
 
 
+def _is_quantized_tensor(weight) -> bool:
+    """The host's QuantizedTensor (newer hosts): a wrapper subclass reporting the logical dtype."""
+    return callable(getattr(weight, "dequantize", None)) and "Quantized" in type(weight).__name__
+
+
+def _inner_tensors(weight) -> list[torch.Tensor]:
+    """The stored tensors of a wrapper tensor subclass (the weight itself for plain tensors)."""
+    flatten = getattr(weight, "__tensor_flatten__", None)
+    return [getattr(weight, n) for n in flatten()[0]] if callable(flatten) else [weight]
+
+
 def is_fp8_storage(weight) -> bool:
-    """Stored as fp8: a plain fp8 tensor (older hosts) or the host's QuantizedTensor (newer hosts,
-    which report the logical dtype)."""
-    return weight.dtype == torch.float8_e4m3fn or (
-        callable(getattr(weight, "dequantize", None)) and "Quantized" in type(weight).__name__)
+    """Stored as fp8: a plain fp8 tensor (older hosts) or the host's QuantizedTensor (newer hosts)."""
+    return weight.dtype == torch.float8_e4m3fn or _is_quantized_tensor(weight)
 
 
 def stored_bytes(weight) -> torch.Tensor:
     """The raw stored values of a weight (every inner tensor of a tensor subclass), to check that
     nothing rewrote them."""
-    flatten = getattr(weight, "__tensor_flatten__", None)
-    parts = [getattr(weight, n) for n in flatten()[0]] if callable(flatten) else [weight]
-    return torch.cat([t.detach().reshape(-1).view(torch.uint8) for t in parts]).clone()
+    return torch.cat([t.detach().reshape(-1).view(torch.uint8) for t in _inner_tensors(weight)]).clone()
 
 
 def raw_fp8_values(weight) -> torch.Tensor:
     """The stored fp8 values as fp32, without any scale."""
-    flatten = getattr(weight, "__tensor_flatten__", None)
-    inner = getattr(weight, flatten()[0][0]) if callable(flatten) else weight
-    return inner.float()
+    with torch.inference_mode():
+        return _inner_tensors(weight)[0].float()
 
 
 def fp8_dense(module) -> torch.Tensor:
     """The fp32 weight a scaled-fp8 layer computes with, by the host's own means: the
     QuantizedTensor's dequantize() (newer hosts) or stored values x scale_weight (older hosts)."""
     weight = module.weight
-    if callable(getattr(weight, "dequantize", None)) and "Quantized" in type(weight).__name__:
-        return weight.dequantize().float()
-    return weight.float() * module.scale_weight.float()
+    with torch.inference_mode():  # the host loads models in inference mode
+        if _is_quantized_tensor(weight):
+            return weight.dequantize().float()
+        return weight.float() * module.scale_weight.float()
