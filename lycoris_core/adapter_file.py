@@ -13,6 +13,7 @@ from .algos import Adapter, detect
 from .algos.registry import SHARED_SUFFIXES
 from .errors import LycorisError, LycorisShapeError, Problem, plural, warn
 from .io import FP8_NAMES, DictSource, TensorSource
+from .key_conversion import Converter, convert_source
 from .keys import IGNORED_SUFFIXES, group_keys
 
 
@@ -22,7 +23,7 @@ class AdapterFile(Mapping[str, Adapter]):
     def __init__(self, path: str, adapters: dict[str, Adapter], metadata: dict[str, str],
                  problems: list[Problem], nbytes: int, dtypes: dict[str, str], *,
                  module_keys: dict[str, dict[str, str]] | None = None,
-                 key_bytes: dict[str, int] | None = None):
+                 key_bytes: dict[str, int] | None = None, converted_keys: int = 0):
         self.path = path
         self.adapters = adapters
         self.metadata = metadata
@@ -31,6 +32,7 @@ class AdapterFile(Mapping[str, Adapter]):
         self.dtypes = dtypes  # file key -> safetensors dtype name
         self.module_keys = module_keys or {}  # module -> {canonical suffix: file key}
         self.key_bytes = key_bytes or {}  # file key -> stored bytes
+        self.converted_keys = converted_keys  # keys a host's key conversion renamed/added/dropped
 
     def __getitem__(self, name: str) -> Adapter:
         return self.adapters[name]
@@ -87,7 +89,8 @@ def _upcast(t: torch.Tensor) -> torch.Tensor:
 
 
 def load_file(source: str | os.PathLike | Mapping[str, torch.Tensor], *, strict: bool = False,
-              metadata: Mapping[str, str] | None = None) -> AdapterFile:
+              metadata: Mapping[str, str] | None = None,
+              convert: Converter | None = None) -> AdapterFile:
     """Read an adapter file (or an in-memory state dict) into per-module adapters.
 
     Format errors (unreadable file, bad header) always raise LycorisFormatError. A module that
@@ -98,12 +101,14 @@ def load_file(source: str | os.PathLike | Mapping[str, torch.Tensor], *, strict:
     Alpha: a missing alpha and alpha 0 both mean alpha = rank (scale 1), as the training libraries
     define it (one aggregated warning each; ComfyUI core gives alpha 0 no effect instead); peft files
     without alpha keys take it from the `lora_adapter_metadata` config. fp8 tensors are upcast to
-    fp32 on load (one warning).
+    fp32 on load (one warning). `convert`: a host's state-dict key conversion, run first (see
+    `key_conversion`); the keys named in `module_keys`/`dtypes` are then the converted ones.
     """
     if isinstance(source, (str, os.PathLike)):
         src = TensorSource(os.fspath(source))
     else:
         src = DictSource(source, metadata)
+    src, converted_keys = convert_source(src, convert)
     path = src.path
     problems: list[Problem] = []
     dtypes = {k: src.dtype_name(k) for k in src}
@@ -144,8 +149,7 @@ def load_file(source: str | os.PathLike | Mapping[str, torch.Tensor], *, strict:
         if not suffix_keys:
             continue
         try:
-            shapes = {s: tuple(src.header[k]["shape"]) if isinstance(src, TensorSource)
-                      else tuple(src[k].shape) for s, k in suffix_keys.items()}
+            shapes = {s: src.shape(k) for s, k in suffix_keys.items()}
             cls = detect(shapes, name=name, file=path)
             if cls is None:
                 where = next(iter(suffix_keys.values())) if len(suffix_keys) == 1 else name
@@ -184,4 +188,4 @@ def load_file(source: str | os.PathLike | Mapping[str, torch.Tensor], *, strict:
                f"{zero_alpha[0]}.alpha")
     key_bytes = {k: src.key_nbytes(k) for k in src}
     return AdapterFile(path, adapters, dict(src.metadata), problems, src.nbytes(), dtypes,
-                       module_keys=module_keys, key_bytes=key_bytes)
+                       module_keys=module_keys, key_bytes=key_bytes, converted_keys=converted_keys)

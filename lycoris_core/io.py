@@ -135,6 +135,10 @@ class TensorSource(Mapping[str, torch.Tensor]):
         """The safetensors dtype name stored for `key`."""
         return self.header[key]["dtype"]
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The stored shape of `key`, from the header (no data read)."""
+        return tuple(self.header[key]["shape"])
+
     def key_nbytes(self, key: str) -> int:
         """Bytes stored for one tensor."""
         begin, end = self.header[key]["data_offsets"]
@@ -168,6 +172,9 @@ class DictSource(Mapping[str, torch.Tensor]):
         dtype = self._tensors[key].dtype
         return DTYPE_NAMES.get(dtype, str(dtype))
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
+
     def key_nbytes(self, key: str) -> int:
         """Bytes one tensor would take in a file."""
         t = self._tensors[key]
@@ -176,6 +183,48 @@ class DictSource(Mapping[str, torch.Tensor]):
     def nbytes(self) -> int:
         """Bytes of all tensors."""
         return sum(self.key_nbytes(k) for k in self._tensors)
+
+
+class RenamedSource(Mapping[str, torch.Tensor]):
+    """Another source seen under new key names (data read lazily from it), plus a few tensors a
+    key conversion made itself (e.g. a shape it recorded)."""
+
+    def __init__(self, base, renamed: Mapping[str, str], made: Mapping[str, torch.Tensor]):
+        self.base = base
+        self.path = base.path
+        self.metadata = base.metadata
+        self._renamed = dict(renamed)  # new key -> key in base
+        self._made = DictSource(made, name=base.path)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self._made:
+            return self._made[key]
+        return self.base[self._renamed[key]]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._renamed
+        yield from self._made
+
+    def __len__(self) -> int:
+        return len(self._renamed) + len(self._made)
+
+    def _owner(self, key: str):
+        return (self._made, key) if key in self._made else (self.base, self._renamed[key])
+
+    def dtype_name(self, key: str) -> str:
+        src, k = self._owner(key)
+        return src.dtype_name(k)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        src, k = self._owner(key)
+        return src.shape(k)
+
+    def key_nbytes(self, key: str) -> int:
+        src, k = self._owner(key)
+        return src.key_nbytes(k)
+
+    def nbytes(self) -> int:
+        return sum(self.key_nbytes(k) for k in self)
 
 
 def storable_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -11,6 +11,16 @@ from torch import nn
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
+def is_rms_norm(module: nn.Module) -> bool:
+    """torch's RMSNorm and the RMSNorm classes of DiT code bases (same name, an `eps`, a 1-d+ scale
+    called `weight`): the output is rms_norm(x) * weight, whatever the class's own arithmetic."""
+    torch_rms = getattr(nn, "RMSNorm", None)
+    if torch_rms is not None and isinstance(module, torch_rms):
+        return True
+    return (type(module).__name__.endswith("RMSNorm") and hasattr(module, "eps")
+            and isinstance(getattr(module, "weight", None), torch.Tensor))
+
+
 def _tuple(v, n: int) -> tuple[int, ...]:
     return tuple(v) if isinstance(v, (tuple, list)) else (int(v),) * n
 
@@ -27,8 +37,8 @@ class LayerSpec:
     groups: int = 1
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
-    norm_type: str = ""  # "layer" | "group" for kind == "norm"
-    eps: float = 1e-5
+    norm_type: str = ""  # "layer" | "group" | "rms" for kind == "norm"
+    eps: float | None = 1e-5  # None: torch's default for the input dtype (RMSNorm)
     num_groups: int = 1
     # for quantised storage (scaled fp8, GGUF, ...): device -> the fp32 weight the layer computes
     # with; `weight` then stays the raw stored tensor (its identity keys cached DoRA norms)
@@ -75,6 +85,9 @@ class LayerSpec:
                        eps=module.eps, num_groups=module.num_groups)
         if isinstance(module, nn.LayerNorm):
             return cls("norm", tuple(weight.shape), weight=weight, bias=bias, norm_type="layer",
+                       eps=module.eps)
+        if weight is not None and is_rms_norm(module):
+            return cls("norm", tuple(weight.shape), weight=weight, bias=bias, norm_type="rms",
                        eps=module.eps)
         if weight is not None:
             return cls.from_weight(weight, bias)

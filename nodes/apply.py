@@ -188,7 +188,7 @@ def apply_lycoris(model, clip, adapters: Mapping, strength_model: float, strengt
     problems = list(getattr(adapters, "problems", []) or [])
     report = build_report(label, algos, part_lines, unmatched=resolution.unmatched,
                           text_encoder_skipped=resolution.text_encoder_skipped, zero_strength=zero,
-                          problems=problems)
+                          problems=problems, converted_keys=getattr(adapters, "converted_keys", 0))
     if resolution.unmatched:
         log.warning("%s", report)
     else:

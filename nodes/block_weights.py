@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 
 import folder_paths
 
-from ..lycoris_core import LycorisError, load_file
+from ..lycoris_core import LycorisError
 from ..lycoris_core.blocks import (PRESETS, BlockSpecError, BlockStrengths, analyse, block_group,
                                    blocks_present, detect_arch, format_analysis, group_title,
                                    parse_spec)
@@ -37,6 +37,7 @@ from ..lycoris_core.blocks.names import BASE, OTHER, T5
 from ..lycoris_core.blocks.spec import split_tokens
 from ..lycoris_core.io import read_header
 from ..lycoris_core.keys import group_keys
+from .host_compat import read_adapters
 from .report import show_on_node
 
 log = logging.getLogger("comfyui-lycoris")
@@ -352,7 +353,7 @@ class LycorisBlockInfo:
         from .block_chart import draw_blocks, to_image_tensor
 
         path = lora_path(lora_name)
-        adapters = load_file(path)
+        adapters = read_adapters(path)
         model_keys, sources, unmatched = {}, {}, 0
         if model is not None or clip is not None:
             from .keymap import CLIP, MODEL, KeyMap

@@ -19,10 +19,10 @@ import torch
 from comfy.patcher_extension import PatcherInjection
 
 from ..lycoris_core import LayerSpec
+from .host_compat import dequantiser, dequantiser_for, storage_reason  # noqa: F401 - re-exported
 
 INJECTION_KEY = "lycoris_bypass"
 ATTACHMENT_KEY = "lycoris_bypass"
-STANDARD_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -52,21 +52,6 @@ class BypassRegistry:
         return sum(len(v) for v in self.entries.values())
 
 
-def storage_reason(module: torch.nn.Module, name: str = "weight") -> str | None:
-    """Why `module`'s stored `name` is not the tensor it computes with (fp8, scaled fp8, GGUF and
-    other tensor subclasses, custom set/convert ops), or None for plain float storage."""
-    if any(callable(getattr(module, f"{op}_{name}", None)) for op in ("set", "convert")):
-        return "custom weight op"
-    weight = getattr(module, name, None)
-    if weight is None:
-        return None
-    if type(weight) not in (torch.Tensor, torch.nn.Parameter):
-        return f"{type(weight).__name__} storage"
-    if weight.dtype not in STANDARD_FLOATS:
-        return f"{str(weight.dtype).replace('torch.', '')} storage"
-    return None
-
-
 def quantised_reason(root: torch.nn.Module, key: str) -> str | None:
     """Why the weight at `key` cannot be merged exactly (see `storage_reason`), or None."""
     path, name = key.rsplit(".", 1)
@@ -86,35 +71,6 @@ def bypass_unsupported(target, root: torch.nn.Module) -> str | None:
     if not isinstance(module, torch.nn.Module) or getattr(module, "weight", None) is None:
         return "not a layer with a weight"
     return None
-
-
-def dequantiser(module: torch.nn.Module):
-    """device -> the fp32 weight `module` computes with, the way the host gets it: the layer's own
-    `cast_bias_weight` (GGUF-style layers dequantise and apply their patches there), else ComfyUI's
-    cast with the module's weight functions, then the op's `convert_weight` (scaled fp8)."""
-    import comfy.ops
-
-    def dense(device: torch.device) -> torch.Tensor:
-        own = getattr(type(module), "cast_bias_weight", None)
-        if callable(own):
-            weight = module.cast_bias_weight(dtype=torch.float32, device=device)[0]
-        elif hasattr(module, "weight_function"):
-            weight = comfy.ops.cast_bias_weight(module, dtype=torch.float32, device=device)[0]
-        else:
-            weight = module.weight.to(device=device, dtype=torch.float32)
-        convert = getattr(module, "convert_weight", None)
-        if callable(convert):
-            if weight.data_ptr() == module.weight.data_ptr():
-                weight = weight.clone()  # never scale the stored weight in place
-            weight = convert(weight, inplace=True)
-        return weight
-
-    return dense
-
-
-def dequantiser_for(module: torch.nn.Module):
-    """`dequantiser(module)` for a module with quantised storage, None for plain float weights."""
-    return dequantiser(module) if storage_reason(module) else None
 
 
 # ----- the wrapper ---------------------------------------------------------------------------------

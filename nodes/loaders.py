@@ -5,7 +5,7 @@ import os
 
 import folder_paths
 
-from ..lycoris_core import load_file
+from .host_compat import read_adapters
 from .apply import MODES, apply_lycoris
 from .report import show_on_node
 
@@ -74,7 +74,7 @@ class LoadLycoris:
         signature = _file_signature(path)
         if self._loaded is None or self._loaded[0] != signature:
             self._loaded = None
-            self._loaded = (signature, load_file(path))
+            self._loaded = (signature, read_adapters(path))
         return self._loaded[1]
 
     def load(self, model, clip, lycoris_name, strength_model, strength_clip, mode="auto",

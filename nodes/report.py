@@ -2,20 +2,18 @@
 from __future__ import annotations
 
 import re
-import sys
 from collections import Counter
 from collections.abc import Iterable
+
+from .host_compat import send_progress_text
 
 MAX_GROUPS = 8
 MAX_PROBLEMS = 5
 
 
 def show_on_node(text: str, unique_id) -> None:
-    """Text under the node (the host's progress text) while the server runs; a no-op in scripts."""
-    server = sys.modules.get("server")
-    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
-    if instance is not None and unique_id is not None and hasattr(instance, "send_progress_text"):
-        instance.send_progress_text(text, unique_id)
+    """Text under the node while the server runs; a no-op in scripts."""
+    send_progress_text(text, unique_id)
 
 
 def name_groups(names: Iterable[str]) -> list[tuple[str, int, str]]:
@@ -53,11 +51,14 @@ def part_line(part: str, strength: float, methods: Counter, reasons: Counter) ->
 
 
 def build_report(label: str, algos: Counter, part_lines: list[str], *, unmatched: list[str],
-                 text_encoder_skipped: list[str], zero_strength: int, problems: list) -> str:
+                 text_encoder_skipped: list[str], zero_strength: int, problems: list,
+                 converted_keys: int = 0) -> str:
     """The whole report as text."""
     total = sum(algos.values())
     lines = [f"LyCORIS {label}: {total} modules ({_counted(algos)})" if total
              else f"LyCORIS {label}: no modules"]
+    if converted_keys:
+        lines.append(f"keys: {converted_keys} converted by ComfyUI's LoRA key conversion first")
     lines += part_lines
     if zero_strength:
         lines.append(f"skipped: {zero_strength} modules at strength 0")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -35,14 +34,14 @@ import comfy.samplers
 import comfy.utils
 import folder_paths
 
-from ..lycoris_core import AdapterFile, load_file
+from ..lycoris_core import AdapterFile
 from ..lycoris_core.save import standard_metadata
 from ..lycoris_core.train import (OPTIMIZERS, PRESETS, SCHEDULES, Dropout, Root, Trainer, attached,
                                   autograd_safe, checkpoint_blocks, checkpointed, create_adapters,
                                   default_kinds, freeze, frozen, kohya_name, resume_adapters,
                                   select_targets, trainable_algorithms, wrapper_weights_kept)
 from .apply import apply_lycoris
-from .bypass import dequantiser_for
+from .host_compat import dequantiser_for, read_adapters, send_progress_text, training_flag
 from .keymap import MODEL, KeyMap, _split_value
 from .loss_plot import draw_loss
 
@@ -143,13 +142,6 @@ def _batched_cond(conds: list[dict], idx: list[int]) -> dict:
     return out
 
 
-def _progress_text(text: str, unique_id) -> None:
-    server = sys.modules.get("server")
-    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
-    if instance is not None and unique_id is not None and hasattr(instance, "send_progress_text"):
-        instance.send_progress_text(text, unique_id)
-
-
 def tag_frequency(captions: list[str], n_images: int) -> dict[str, int]:
     """kohya-style tag counts: comma-separated tags, counted once per image."""
     if len(captions) == 1 and n_images > 1:
@@ -235,7 +227,7 @@ def run_training(model, latents: torch.Tensor, conditioning, pairs, trainer: Tra
                 comfy.model_management.throw_exception_if_processing_interrupted()
                 loss = trainer.step(lambda: objective.loss(model_wrap, extra_args, x0_all, conds))
                 progress.losses.append(loss)
-                _progress_text(f"step {step + 1}/{steps}  loss {loss:.5f}  lr {trainer.lr:.3g}", unique_id)
+                send_progress_text(f"step {step + 1}/{steps}  loss {loss:.5f}  lr {trainer.lr:.3g}", unique_id)
                 pbar.update(1)
 
     guider = comfy.samplers.CFGGuider(model)
@@ -407,7 +399,7 @@ class LycorisTrain:
             _interruptions += 1
             log.warning("LyCORIS Train interrupted after %d of %d steps: returning what was trained",
                         done, steps)
-            _progress_text(f"interrupted after {done}/{steps} steps (kept)", unique_id)
+            send_progress_text(f"interrupted after {done}/{steps} steps (kept)", unique_id)
         adapters = {**kept, **built.adapters}
         settings = dict(dropout=dropout or None, rank_dropout=rank_dropout or None,
                         module_dropout=module_dropout or None)
@@ -436,7 +428,7 @@ class LycorisTrain:
             return resume_lycoris
         if resume_file in (None, "", NO_FILE):
             return None
-        return load_file(folder_paths.get_full_path_or_raise("loras", resume_file))
+        return read_adapters(folder_paths.get_full_path_or_raise("loras", resume_file))
 
     @staticmethod
     def _fresh(mp, hint, algorithm, preset, include, exclude, rank, alpha, conv_rank, conv_alpha,
@@ -452,7 +444,7 @@ class LycorisTrain:
         if unfit:
             log.warning("LyCORIS Train: %s cannot adapt %d of the selected layers with these settings, "
                         "they are left out (first: %s)", algorithm, len(unfit), unfit[0])
-            _progress_text(f"{len(unfit)} layers left out: {unfit[0]}", unique_id)
+            send_progress_text(f"{len(unfit)} layers left out: {unfit[0]}", unique_id)
         return built
 
     @staticmethod

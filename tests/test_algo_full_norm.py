@@ -221,3 +221,70 @@ def test_norm_trainable_starts_at_zero_and_gets_gradients(kind):
     assert len(params) == 2  # w_norm and b_norm
     shapes = {k: v.shape for k, v in NormModule(NAME, layer).state_dict().items()}
     assert {k: v.shape for k, v in adapter.export().items()} == shapes
+
+
+# ----- RMSNorm (DiT q/k norms) ------------------------------------------------------------------
+# lycoris-lora's NormModule refuses RMSNorm, so the oracle is the layer itself run with the merged
+# weight: bypass must equal it, and must differ from a LayerNorm reading of the same layer.
+class DiTRMSNorm(nn.Module):
+    """An RMSNorm written the way DiT code bases write their own (not torch's class)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x * self.weight
+
+
+def make_rms_norm(cls, eps):
+    torch.manual_seed(0)
+    layer = nn.RMSNorm(64, eps=eps) if cls == "torch" else DiTRMSNorm(64, eps=eps or 1e-6)
+    with torch.no_grad():
+        layer.weight.add_(torch.randn_like(layer.weight) * 0.2)
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(1)) * 3 + 1  # mean far from 0
+    return layer, x
+
+
+def with_weight(layer, weight, x):
+    original = layer.weight.data.clone()
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        try:
+            return layer(x)
+        finally:
+            layer.weight.copy_(original)
+
+
+@pytest.mark.parametrize("cls,eps", [("torch", None), ("torch", 1e-6), ("dit", 1e-6)])
+def test_norm_on_rms_norm_bypass_equals_the_layer_with_merged_weight(cls, eps):
+    layer, x = make_rms_norm(cls, eps)
+    spec = LayerSpec.from_module(layer)
+    assert (spec.kind, spec.norm_type) == ("norm", "rms")
+    g = torch.Generator().manual_seed(3)
+    for sd in ({f"{NAME}.w_norm": torch.randn(64, generator=g) * 0.3},
+               {f"{NAME}.diff": torch.randn(64, generator=g) * 0.3}):
+        adapter = load_file(sd, strict=True)[NAME]
+        for m in (1.0, 0.5, -0.7):
+            expected = with_weight(layer, adapter.merge(layer.weight.detach(), m), x)
+            got = bypass_forward(adapter, layer, x, m)
+            assert rel_err(got, expected) < 1e-5, (type(adapter).__name__, m)
+        # the LayerNorm reading (what bypass computed before) is far off: the test can fail
+        as_layer_norm = LayerSpec("norm", (64,), weight=layer.weight, norm_type="layer", eps=1e-6)
+        wrong = adapter.bypass(x, layer.forward, 1.0, as_layer_norm)
+        right = with_weight(layer, adapter.merge(layer.weight.detach(), 1.0), x)
+        assert rel_err(wrong, right) > 1e-2
+
+
+def test_rms_norm_layers_are_trainable_norm_targets():
+    from lycoris_core.train.targets import layer_kind
+
+    layer, x = make_rms_norm("torch", None)
+    assert layer_kind(layer) == "norm" and layer_kind(DiTRMSNorm(8)) == "norm"
+    assert layer_kind(nn.RMSNorm(8, elementwise_affine=False)) is None
+    adapter = Norm.create(LayerSpec.from_module(layer))
+    assert adapter.b_norm is None  # RMSNorm has no shift
+    layer.bias = None  # what assert_trainable reads for "no bias"
+    assert len(assert_trainable(adapter, layer, x, through_merge=False, each=True)) == 1

@@ -1,4 +1,4 @@
-"""Norm layers (`train_norm`): additive deltas on a LayerNorm/GroupNorm scale and shift.
+"""Norm layers (`train_norm`): additive deltas on a LayerNorm/GroupNorm/RMSNorm scale and shift.
 
 gamma' = gamma + m * w_norm, beta' = beta + m * b_norm. `merge` patches the 1-d scale, `merge_bias`
 the shift; bypass adds m * (n(x) * w_norm + b_norm), n(x) being the normalised input before affine.
@@ -23,6 +23,8 @@ def normalized(x: torch.Tensor, layer: LayerSpec) -> torch.Tensor:
         raise LycorisError(f"expected a norm layer, not {layer.kind!r}")
     if layer.norm_type == "group":
         return F.group_norm(x, layer.num_groups, eps=layer.eps)
+    if layer.norm_type == "rms":
+        return F.rms_norm(x, layer.weight_shape, eps=layer.eps)
     return F.layer_norm(x, layer.weight_shape, eps=layer.eps)
 
 
@@ -114,7 +116,8 @@ class Norm(Adapter):
     def create(cls, layer: LayerSpec, *, dtype: torch.dtype = FP32) -> "Norm":
         """Trainable zero deltas (LyCORIS init), b_norm only when the layer has a bias."""
         if layer.kind != "norm":
-            raise LycorisError(f"the norm algorithm needs a LayerNorm/GroupNorm, not {layer.kind!r}")
+            raise LycorisError(f"the norm algorithm needs a LayerNorm/GroupNorm/RMSNorm, not "
+                               f"{layer.kind!r}")
         self = cls()
         channels = math.prod(layer.weight_shape)
         self.set_tensor("w_norm", torch.zeros(channels, dtype=dtype), True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..errors import LycorisError
+from ..layer import is_rms_norm
 
 # blocks whose every Linear/Conv is trained by the "transformer" presets (attn-mlp and friends)
 TRANSFORMER_BLOCKS = frozenset({
@@ -128,7 +129,8 @@ def layer_kind(module: nn.Module) -> str | None:
         return "linear"
     if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
         return "conv"
-    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) and getattr(module, "weight", None) is not None:
+    norms = isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or is_rms_norm(module)
+    if norms and getattr(module, "weight", None) is not None:
         return "norm"
     return None
 

@@ -1,0 +1,126 @@
+"""What differs between the ComfyUI versions we run on, detected by feature (never by version).
+
+Everything else in `nodes/` asks this module instead of probing the host itself, so the next host
+change is one place to edit. Each function says which hosts have the feature it looks for.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import sys
+
+import torch
+
+log = logging.getLogger("comfyui-lycoris")
+
+STANDARD_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _optional(module: str, name: str):
+    """`module.name` when the host has it, else None."""
+    try:
+        found = importlib.import_module(module)
+    except ImportError:
+        return None
+    return getattr(found, name, None)
+
+
+# ----- files -----------------------------------------------------------------------------------------
+def key_converter():
+    """The host's LoRA state-dict conversion run before its own key mapping (`comfy.lora_convert.
+    convert_lora`: BFL Flux control, Wan-Fun, USO; newer hosts add fused-qkv splits), or None."""
+    convert = _optional("comfy.lora_convert", "convert_lora")
+    return convert if callable(convert) else None
+
+
+def read_adapters(path: str):
+    """An adapter file as the host would see it: its key conversion first, then ours."""
+    from ..lycoris_core import load_file
+
+    return load_file(path, convert=key_converter())
+
+
+# ----- weight storage --------------------------------------------------------------------------------
+def quantized_tensor_type():
+    """comfy-kitchen's QuantizedTensor as the host uses it (v0.8.0 and later), or None."""
+    return _optional("comfy.quant_ops", "QuantizedTensor")
+
+
+def is_quantized_tensor(weight) -> bool:
+    qt = quantized_tensor_type()
+    return qt is not None and isinstance(weight, qt)
+
+
+def storage_reason(module: torch.nn.Module, name: str = "weight") -> str | None:
+    """Why `module`'s stored `name` is not the tensor it computes with (fp8, scaled fp8 as custom
+    weight ops or as the host's QuantizedTensor, GGUF and other tensor subclasses), or None for
+    plain float storage."""
+    if any(callable(getattr(module, f"{op}_{name}", None)) for op in ("set", "convert")):
+        return "custom weight op"
+    weight = getattr(module, name, None)
+    if weight is None:
+        return None
+    if type(weight) not in (torch.Tensor, torch.nn.Parameter):
+        return f"{type(weight).__name__} storage"
+    if weight.dtype not in STANDARD_FLOATS:
+        return f"{str(weight.dtype).replace('torch.', '')} storage"
+    return None
+
+
+def dequantiser(module: torch.nn.Module):
+    """device -> the fp32 weight `module` computes with, the way the host gets it: the layer's own
+    `cast_bias_weight` (GGUF-style layers dequantise and apply their patches there), else the host's
+    cast with the module's weight functions (QuantizedTensor weights dequantise there), then the
+    op's `convert_weight` (a125cd8's scaled fp8)."""
+    import comfy.ops
+
+    def dense(device: torch.device) -> torch.Tensor:
+        own = getattr(type(module), "cast_bias_weight", None)
+        if callable(own):
+            weight = module.cast_bias_weight(dtype=torch.float32, device=device)[0]
+        elif hasattr(module, "weight_function"):
+            weight = comfy.ops.cast_bias_weight(module, dtype=torch.float32, device=device)[0]
+        else:
+            weight = module.weight.to(device=device, dtype=torch.float32)
+        if is_quantized_tensor(weight):
+            weight = weight.dequantize()
+        convert = getattr(module, "convert_weight", None)
+        if callable(convert):
+            if weight.data_ptr() == module.weight.data_ptr():
+                weight = weight.clone()  # never scale the stored weight in place
+            weight = convert(weight, inplace=True)
+        return weight.to(torch.float32)
+
+    return dense
+
+
+def dequantiser_for(module: torch.nn.Module):
+    """`dequantiser(module)` for a module with quantised storage, None for plain float weights."""
+    return dequantiser(module) if storage_reason(module) else None
+
+
+# ----- training --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def training_flag():
+    """The host's "a training run is on" flag (`comfy.model_management.in_training`, newer hosts)
+    set for the duration, restored after; a no-op on hosts without it."""
+    mm = sys.modules.get("comfy.model_management") or importlib.import_module("comfy.model_management")
+    if not hasattr(mm, "in_training"):
+        yield
+        return
+    before = mm.in_training
+    mm.in_training = True
+    try:
+        yield
+    finally:
+        mm.in_training = before
+
+
+# ----- UI --------------------------------------------------------------------------------------------
+def send_progress_text(text: str, unique_id) -> None:
+    """Text under the node (the host's progress text, where the server has it); a no-op in scripts."""
+    server = sys.modules.get("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is not None and unique_id is not None and hasattr(instance, "send_progress_text"):
+        instance.send_progress_text(text, unique_id)
