@@ -9,7 +9,10 @@ eps/v models and the velocity MSE for flow models.
 
 The base model is never written to: adapters run in bypass around each layer (`lycoris_core.train.
 attached`), so fp16/bf16, fp8 and other quantised bases train alike. Weights the host created under
-inference mode are converted to normal tensors in place (same values) so autograd can use them.
+inference mode are converted to normal tensors in place (same values) so autograd can use them: no
+second copy of the model, unlike reloading it from its file. Newer hosts' training flag is set for
+the run (it switches their inference-only kernels back to differentiable code). Dynamic VRAM stays
+on, as in the host's own trainer: the adapters read weights through the host's cast like the layer.
 
 Interruption (the queue's cancel button): training stops at the next step and the node returns
 what was trained so far (MODEL, LYCORIS, loss) instead of failing, so a Save LyCORIS node
@@ -367,8 +370,8 @@ class LycorisTrain:
         compute = DTYPES[training_dtype] or mp.model.manual_cast_dtype or mp.model.get_dtype()
         device = mp.load_device
         rng_devices = [device] if device.type == "cuda" else []
-        with wrapper_weights_kept(mp.model), torch.inference_mode(False), torch.enable_grad(), \
-                torch.random.fork_rng(rng_devices):
+        with training_flag(), wrapper_weights_kept(mp.model), torch.inference_mode(False), \
+                torch.enable_grad(), torch.random.fork_rng(rng_devices):
             torch.manual_seed(seed)  # adapter init and dropout draws, without touching the caller's RNG
             if resume is not None:
                 built, kept = self._resumed(mp, resume, device)

@@ -354,3 +354,31 @@ def test_checkpointing_dropouts_schedule_and_bf16(T, host_model, fixed_batches):
     assert all(a.dora_scale is not None for a in lycoris.values())
     args = json.loads(lycoris.metadata["ss_network_args"])
     assert args["dropout"] == "0.1" and args["dora"] == "out" and lycoris.metadata["ss_mixed_precision"] == "bf16"
+
+
+@pytest.mark.parametrize("host_has_flag", [True, False], ids=["flag", "no-flag"])
+def test_the_hosts_training_flag_is_set_while_training_only(T, host_model, monkeypatch, host_has_flag):
+    """Newer hosts read `comfy.model_management.in_training` to leave their inference-only kernels;
+    on a host without it nothing is added. The flag is read inside the loss, where those kernels run."""
+    import comfy.model_management as mm
+
+    from comfyui_lycoris_under_test.lycoris_core.train import Trainer
+
+    had = hasattr(mm, "in_training")
+    if host_has_flag:
+        monkeypatch.setattr(mm, "in_training", False, raising=False)
+    elif had:
+        monkeypatch.delattr(mm, "in_training")
+    seen = []
+    original = Trainer.step
+
+    def step(self, loss_fn):
+        seen.append(getattr(mm, "in_training", None))
+        return original(self, loss_fn)
+
+    monkeypatch.setattr(Trainer, "step", step)
+    train(T, host_model, steps=2)
+    if host_has_flag:
+        assert seen == [True, True] and mm.in_training is False
+    else:
+        assert seen == [None, None] and not hasattr(mm, "in_training")
