@@ -320,3 +320,44 @@ def test_half_precision_intermediates_are_no_worse_than_core(algo, dtype, sd15, 
         checked += 1
     assert checked, f"{algo}: no key patched by both"
     unload_all()
+
+
+@pytest.mark.parametrize("algo,options", [("lora", ()), ("loha", ()), ("lora", (("dora", "in"),))],
+                         ids=["lora", "loha", "dora-in"])
+def test_merge_into_scaled_fp8_goes_through_the_hosts_requantisation(algo, options, sd15):
+    """mode merge on a scaled-fp8 UNet: the host dequantises, we merge, the host stores fp8 again
+    (QuantizedTensor on newer hosts, fp8 + scale_weight on older ones). Oracle: core's loader on the
+    same file through the same path, and the float merge within fp8 rounding."""
+    import comfy.sd
+    import torch.nn.functional as F
+    from lycoris_core import load_file
+
+    from host.helpers import (fp8_dense, is_fp8_storage, module_at, module_outputs, sample_input,
+                              scaled_fp8_unet, stored_bytes)
+
+    unload_all()
+    model = scaled_fp8_unet(sd15[0])
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.weight"
+    module = module_at(model.model, key)
+    before, dense = stored_bytes(module.weight), fp8_dense(module)
+    with torch.inference_mode():
+        files = build_case(Case(algo, options), model, None, sites={"linear": key})
+    strength = 0.8
+    ours, _, report = apply(model, None, files.tensors, strength, 0.0, "merge")
+    assert "1 merged" in report, report
+    core = comfy.sd.load_lora_for_models(model, None, dict(files.tensors), strength, 0.0)[0]
+    (adapter,) = load_file(files.tensors).values()
+    x = sample_input(module)
+    with torch.inference_mode():
+        float_merge = F.linear(x, adapter.merge(dense, strength), module.bias.float())
+    outputs = {}
+    for name, patcher in (("ours", ours), ("core", core)):
+        load(patcher)
+        assert is_fp8_storage(module.weight), f"{name}: the merged weight is no longer stored as fp8"
+        assert not torch.equal(stored_bytes(module.weight), before), f"{name}: nothing was merged"
+        outputs[name] = module_outputs(patcher, None, [key])[key]
+        unload_all()
+    assert torch.equal(stored_bytes(module.weight), before)  # unpatched back to the file's bytes
+    # same float merge, same host requantisation: equal but for rounding ties
+    assert rel_err(outputs["ours"], outputs["core"]) < 2e-3
+    assert rel_err(outputs["ours"], float_merge) < 6e-2  # e4m3 keeps 3 mantissa bits

@@ -49,10 +49,12 @@ def load(*patchers) -> None:
 
 
 def unload_all() -> None:
-    """Unload every model: weights restored from backups, injections ejected."""
+    """Unload every model: weights restored from backups, injections ejected; in inference mode like
+    the server's prompt execution (v0.8.0 cannot re-wrap QuantizedTensor weights outside it)."""
     import comfy.model_management as mm
 
-    mm.unload_all_models()
+    with torch.inference_mode():
+        mm.unload_all_models()
 
 
 def weights(root, keys) -> dict[str, torch.Tensor]:
