@@ -11,9 +11,12 @@
 //   - preset picked           -> clear the spec (the preset is the base, the spec goes on top)
 //   - slider moved            -> rewrite that block's item in the spec (`IN04=0.55`, appended last
 //                                so it wins), no round trip needed
+//
+// Only `app` and `api` are imported: the two modules every frontend keeps public (newer ones warn
+// about the other `scripts/*` modules), and hooks go on node instances from `nodeCreated`, not on
+// node prototypes from `beforeRegisterNodeDef` (discouraged by newer frontends).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { ComfyWidgets } from "../../scripts/widgets.js";
 import { SLIDER, roundToStep, setBlockInSpec } from "./lycoris_spec_text.js";
 
 const WEIGHTS_NODE = "LycorisBlockWeights";
@@ -264,15 +267,17 @@ function setupWeightsNode(node) {
 function showInfoText(node, text) {
   let widget = widgetNamed(node, "lycoris_info");
   if (!widget) {
-    widget = ComfyWidgets.STRING(node, "lycoris_info", ["STRING", { multiline: true }], app).widget;
+    const element = document.createElement("textarea");
+    element.readOnly = true;
+    element.spellcheck = false;
+    Object.assign(element.style, { fontFamily: "monospace", whiteSpace: "pre", width: "100%",
+                                   height: "100%", resize: "none", boxSizing: "border-box" });
+    widget = node.addDOMWidget("lycoris_info", "lycoris_text", element, {
+      getValue: () => element.value,
+      setValue: (v) => { element.value = v; },
+      serialize: false, // a view of the last run, not an input
+    });
     widget.serialize = false;
-    widget.options.serialize = false;
-    const element = widget.inputEl ?? widget.element;
-    if (element) {
-      element.readOnly = true;
-      element.style.fontFamily = "monospace";
-      element.style.whiteSpace = "pre";
-    }
   }
   widget.value = text;
   node.setDirtyCanvas?.(true, true);
@@ -288,36 +293,42 @@ if (!window[REGISTERED]) {
   registerExtension();
 }
 
+function chainMethod(node, name, wrap) {
+  const original = node[name];
+  node[name] = function (...args) {
+    return wrap.call(this, original, args);
+  };
+}
+
+function hookWeightsNode(node) {
+  setupWeightsNode(node);
+  chainMethod(node, "configure", function (original, args) {
+    const st = state(this);
+    st.configuring = true; // restoring saved values is not the user picking a preset
+    try {
+      return original.apply(this, args);
+    } finally {
+      st.configuring = false;
+      refresh(this); // rebuild the sliders from the loaded file, preset and spec
+    }
+  });
+}
+
+function hookInfoNode(node) {
+  chainMethod(node, "onExecuted", function (original, args) {
+    original?.apply(this, args);
+    const text = args[0]?.text;
+    if (text?.length) showInfoText(this, Array.isArray(text) ? text.join("\n") : String(text));
+  });
+}
+
 function registerExtension() {
   app.registerExtension({
     name: "comfyui-lycoris.blocks",
-    async beforeRegisterNodeDef(nodeType, nodeData) {
-      if (nodeData.name === WEIGHTS_NODE) {
-        const onNodeCreated = nodeType.prototype.onNodeCreated;
-        nodeType.prototype.onNodeCreated = function () {
-          const result = onNodeCreated?.apply(this, arguments);
-          setupWeightsNode(this);
-          return result;
-        };
-        const configure = nodeType.prototype.configure;
-        nodeType.prototype.configure = function (info) {
-          const st = state(this);
-          st.configuring = true;
-          try {
-            return configure.apply(this, arguments);
-          } finally {
-            st.configuring = false;
-            refresh(this); // rebuild the sliders from the loaded file, preset and spec
-          }
-        };
-      } else if (nodeData.name === INFO_NODE) {
-        const onExecuted = nodeType.prototype.onExecuted;
-        nodeType.prototype.onExecuted = function (message) {
-          onExecuted?.apply(this, arguments);
-          const text = message?.text;
-          if (text?.length) showInfoText(this, Array.isArray(text) ? text.join("\n") : String(text));
-        };
-      }
+    nodeCreated(node) {
+      const type = node.comfyClass ?? node.type;
+      if (type === WEIGHTS_NODE) hookWeightsNode(node);
+      else if (type === INFO_NODE) hookInfoNode(node);
     },
   });
 }
