@@ -19,7 +19,8 @@ import torch
 from comfy.patcher_extension import PatcherInjection
 
 from ..lycoris_core import LayerSpec
-from .host_compat import dequantiser, dequantiser_for, storage_reason  # noqa: F401 - re-exported
+from .host_compat import (cast_bias, dequantiser, dequantiser_for,  # noqa: F401 - re-exported
+                          storage_reason, weight_is_cast_per_forward)
 
 INJECTION_KEY = "lycoris_bypass"
 ATTACHMENT_KEY = "lycoris_bypass"
@@ -139,6 +140,9 @@ class BypassForward:
         self.active = True
         # adapters that read W (DoRA, set_weight, dense fallbacks) must see the dequantised weight
         self.dequantise = dequantiser_for(module)
+        # lowvram / dynamic VRAM: the stored bias may miss other loaders' patches or not be loaded
+        self.reads_cast_bias = weight_is_cast_per_forward(module) and any(
+            e.adapter.depends_on_weight for e in entries)
 
     def _base(self):
         if self.original is not None:
@@ -155,6 +159,8 @@ class BypassForward:
 
         layer = LayerSpec.from_module(self.module)
         layer.dequantise = self.dequantise
+        if self.reads_cast_bias:
+            layer.bias = cast_bias(self.module, x.device)
         for i, entry in enumerate(self.entries):
             reads_weight = i > 0 and entry.adapter.depends_on_weight
             fwd = _stage(entry, fwd, _after(layer, self.entries[:i]) if reads_weight else layer)

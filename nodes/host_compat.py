@@ -95,9 +95,30 @@ def dequantiser(module: torch.nn.Module):
     return dense
 
 
+def weight_is_cast_per_forward(module: torch.nn.Module) -> bool:
+    """Whether the host builds this layer's weight on each forward instead of storing it patched:
+    lowvram puts other loaders' merge patches in `weight_function`; dynamic VRAM (newer hosts on
+    NVIDIA) streams weights through a VRAM buffer it marks with `_v`."""
+    return bool(getattr(module, "weight_function", None)) or hasattr(module, "_v")
+
+
+def cast_bias(module: torch.nn.Module, device: torch.device) -> torch.Tensor | None:
+    """The bias a layer computes with, through the host's cast (its `bias_function` patches, a
+    dynamic-VRAM layer's streamed copy) when it casts per forward; else the stored bias."""
+    bias = getattr(module, "bias", None)
+    if bias is None or not (getattr(module, "bias_function", None) or hasattr(module, "_v")):
+        return bias
+    import comfy.ops
+
+    return comfy.ops.cast_bias_weight(module, dtype=torch.float32, device=device)[1]
+
+
 def dequantiser_for(module: torch.nn.Module):
-    """`dequantiser(module)` for a module with quantised storage, None for plain float weights."""
-    return dequantiser(module) if storage_reason(module) else None
+    """`dequantiser(module)` where the stored weight is not what the layer computes with (quantised
+    storage, or a weight the host casts per forward), None for plain float weights used as stored."""
+    if storage_reason(module) or weight_is_cast_per_forward(module):
+        return dequantiser(module)
+    return None
 
 
 # ----- training --------------------------------------------------------------------------------------
