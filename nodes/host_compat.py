@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import logging
 import sys
 
 import torch
-
-log = logging.getLogger("comfyui-lycoris")
 
 STANDARD_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -47,11 +44,6 @@ def quantized_tensor_type():
     return _optional("comfy.quant_ops", "QuantizedTensor")
 
 
-def is_quantized_tensor(weight) -> bool:
-    qt = quantized_tensor_type()
-    return qt is not None and isinstance(weight, qt)
-
-
 def storage_reason(module: torch.nn.Module, name: str = "weight") -> str | None:
     """Why `module`'s stored `name` is not the tensor it computes with (fp8, scaled fp8 as custom
     weight ops or as the host's QuantizedTensor, GGUF and other tensor subclasses), or None for
@@ -75,6 +67,8 @@ def dequantiser(module: torch.nn.Module):
     op's `convert_weight` (a125cd8's scaled fp8)."""
     import comfy.ops
 
+    quantized = quantized_tensor_type()  # looked up once, not on every forward
+
     def dense(device: torch.device) -> torch.Tensor:
         own = getattr(type(module), "cast_bias_weight", None)
         if callable(own):
@@ -83,7 +77,7 @@ def dequantiser(module: torch.nn.Module):
             weight = comfy.ops.cast_bias_weight(module, dtype=torch.float32, device=device)[0]
         else:
             weight = module.weight.to(device=device, dtype=torch.float32)
-        if is_quantized_tensor(weight):
+        if quantized is not None and isinstance(weight, quantized):
             weight = weight.dequantize()
         convert = getattr(module, "convert_weight", None)
         if callable(convert):
@@ -126,7 +120,7 @@ def dequantiser_for(module: torch.nn.Module):
 def training_flag():
     """The host's "a training run is on" flag (`comfy.model_management.in_training`, newer hosts)
     set for the duration, restored after; a no-op on hosts without it."""
-    mm = sys.modules.get("comfy.model_management") or importlib.import_module("comfy.model_management")
+    mm = importlib.import_module("comfy.model_management")
     if not hasattr(mm, "in_training"):
         yield
         return
