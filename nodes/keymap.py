@@ -4,7 +4,8 @@ The host (`comfy.lora.model_lora_keys_unet/clip`) knows every architecture it su
 offsets into fused weights and transform functions. Names it misses (`lycoris_`/`lora_transformer_`
 prefixes on DiTs, peft `base_model.model.` paths, any other trainer prefix in front of a module path
 the host knows) are looked up by their normalised path (prefix stripped, `.` -> `_`, lower case),
-indexed from the host's own diffusion-model keys.
+indexed from the host's own diffusion-model keys; diffusers paths of families the host knows only
+natively (Wan) are tried in their native spelling (`lycoris_core.native_names`).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any, Callable
 import comfy.lora
 
 from ..lycoris_core.blocks.names import is_text_encoder, unet_path
+from ..lycoris_core.native_names import native_candidates
 
 MODEL = "model"
 CLIP = "clip"
@@ -113,9 +115,11 @@ class KeyMap:
         if name in self.unet:
             return MODEL, self.unet[name]
         if self.has_model and not is_text_encoder(name.lower()):
-            value = self._normalised.get(unet_path(name))
-            if value is not None:
-                return MODEL, value
+            path = unet_path(name)
+            for candidate in (path, *native_candidates(path)):
+                value = self._normalised.get(candidate)
+                if value is not None:
+                    return MODEL, value
         return None
 
     def resolve(self, adapters: Mapping[str, Any]) -> Resolution:
