@@ -262,3 +262,63 @@ def test_every_algorithm_on_a_fused_slice(case, mode, tmp_path):
         expected = merged_forward(adapter, plain, x, strength)
         assert rel_err(out[..., start:stop], expected) < FP32_TOL, f"{case.id} at {strength}\n{report}"
         assert torch.equal(out[..., :start], base[..., :start]) and torch.equal(out[..., stop:], base[..., stop:])
+
+
+def _numbered(code: str, count: int) -> list[str]:
+    return [f"{code}{i:02d}" for i in range(count)]
+
+
+def expected_blocks(family: str) -> set[str]:
+    """The numbered blocks users know for each family, counted from the tiny model's settings."""
+    c = dit.FAMILIES[family].config
+    if family in ("flux", "flux2", "chroma", "hunyuan_video"):
+        return set(_numbered("D", c["depth"]) + _numbered("S", c["depth_single_blocks"]))
+    if family == "sd3":
+        return set(_numbered("J", c["depth"]))
+    if family == "qwen_image":
+        return set(_numbered("T", c["num_layers"]))
+    if family in ("lumina2", "z_image"):
+        return set(_numbered("L", c["n_layers"]) + _numbered("CR", c["n_refiner_layers"])
+                   + _numbered("NR", c["n_refiner_layers"]))
+    if family == "wan21":
+        return set(_numbered("B", c["num_layers"]))
+    if family == "sdxl":  # 3 levels x (2 resnets + 1 downsample), a middle block, the mirror
+        return set(_numbered("IN", 9) + ["M00"] + _numbered("OUT", 9))
+    raise KeyError(family)
+
+
+@pytest.mark.parametrize("family", dit.FAMILY_NAMES)
+def test_blocks_are_named_as_users_know_them(family):
+    """Automatic block discovery on the host's own keys: Flux double/single blocks (D/S), SD3 joint
+    blocks (J), Qwen-Image transformer blocks (T), Lumina layers and refiners, Wan blocks (B), SDXL
+    IN/M/OUT; everything else is IN/OUT/OTHER, never a numbered block."""
+    from lycoris_core.blocks import block_of
+
+    keys = ["diffusion_model." + k for k in tiny(family).model.diffusion_model.state_dict() if k.endswith(".weight")]
+    found = {block_of(k, k) for k in keys}
+    numbered = {b for b in found if b[-2:].isdigit()}
+    assert numbered == expected_blocks(family)
+    assert found - numbered <= {"IN", "OUT", "OTHER"}
+
+
+@pytest.mark.parametrize("family", ["flux", "wan21", "sd3"])
+def test_block_weights_act_per_block_on_dits(family, tmp_path):
+    """A block-weight spec that switches one numbered block off leaves exactly that block's layers
+    untouched, while the rest of the file still patches."""
+    from lycoris_core.blocks import block_of
+    from lycoris_core.blocks.spec import parse_spec
+
+    model = tiny(family)
+    path = str(tmp_path / f"{family}_blocks.safetensors")
+    peft_files.peft_lora_file(family, path)
+    off = sorted(expected_blocks(family))[0]
+    adapters = pack_module("nodes.host_compat").read_adapters(path)
+    base = merged_weights(model)
+    patched, _, report = pack_module("nodes.apply").apply_lycoris(model, None, adapters, 1.0, 0.0, "merge",
+                                                                 parse_spec(f"{off}=0"))
+    got = merged_weights(patched)
+    changed = {k for k in changed_keys(base, got)}
+    in_block = {k for k in base if block_of("diffusion_model." + k, "diffusion_model." + k) == off}
+    assert changed and not (changed & in_block), report
+    full = merged_weights(ours(model, path, 1.0, "merge")[0])
+    assert changed_keys(base, full) and set(changed_keys(base, full)) & in_block
