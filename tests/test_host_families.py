@@ -190,6 +190,28 @@ def test_peft_diffusers_files_bypass_like_merge(family, tmp_path):
     assert_bypass_equals_merge(model, path)
 
 
+# families where some diffusers modules still land nowhere (in core too); strict: a fix shows up
+UNMAPPED_YET = {
+    "hunyuan_video": NOT_YET["hunyuan_video"],
+    "lumina2": "diffusers Lumina 2 names (attn.to_q/k/v into fused qkv, feed_forward.linear_1/2/3) are not "
+               "mapped yet; core maps none of them",
+    "flux2": "most diffusers Flux.2 names (to_qkv_mlp_proj, ff.linear_in/out) are not mapped yet; core's "
+             "map has the same gaps",
+    "chroma": "diffusers Chroma's distilled_guidance_layer.layers.N.linear_1/2 are not mapped yet (core neither)",
+}
+
+
+@pytest.mark.parametrize("family", [
+    pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=UNMAPPED_YET[f])) if f in UNMAPPED_YET else f
+    for f in dit.FAMILY_NAMES])
+def test_every_module_of_a_peft_file_lands(family, tmp_path):
+    """No module of a PEFT LoRA on every Linear of the diffusers model is left out."""
+    path = str(tmp_path / f"{family}_all.safetensors")
+    peft_files.peft_lora_file(family, path)
+    _, unmatched = targets_of(tiny(family), path)
+    assert not unmatched
+
+
 FUSED_SLICES = {  # diffusers module -> (host weight, rows) on the tiny models
     "flux": ("transformer_blocks.0.attn.to_k", "diffusion_model.double_blocks.0.img_attn.qkv.weight", (128, 256)),
     "chroma": ("single_transformer_blocks.0.attn.to_v", "diffusion_model.single_blocks.0.linear1.weight", (256, 384)),
