@@ -1,7 +1,6 @@
 """`load_file`: a whole adapter file as a mapping of module name -> Adapter, with its problems."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -11,8 +10,8 @@ import torch
 
 from .algos import Adapter, detect
 from .algos.registry import SHARED_SUFFIXES
-from .errors import LycorisError, LycorisShapeError, Problem, plural, warn
-from .io import FP8_NAMES, DictSource, TensorSource
+from .errors import LycorisError, LycorisFormatError, LycorisShapeError, Problem, plural, warn
+from .io import FP8_NAMES, DictSource, TensorSource, parse_json
 from .key_conversion import Converter, convert_source
 from .keys import IGNORED_SUFFIXES, group_keys
 
@@ -61,10 +60,13 @@ class PeftConfig:
         if not raw:
             return None
         try:
-            cfg = json.loads(raw)
+            cfg = parse_json(raw)
             alpha = float(cfg["lora_alpha"])
-            patterns = {str(k): float(v) for k, v in (cfg.get("alpha_pattern") or {}).items()}
+            patterns = {str(k): float(v) for k, v in (cfg.get("alpha_pattern") or {}).items()
+                        if _safe_pattern(str(k))}
         except (ValueError, TypeError, KeyError, AttributeError):
+            return None
+        if not all(map(math.isfinite, [alpha, *patterns.values()])):
             return None
         return cls(alpha, patterns, bool(cfg.get("use_rslora")))
 
@@ -81,6 +83,16 @@ class PeftConfig:
         if self.rslora and rank:
             return alpha * math.sqrt(rank)  # peft scales by alpha/sqrt(r)
         return alpha
+
+
+# a repeat inside a repeated group (`(a+)+`, `(.*a){20}`): the classic patterns that make `re`
+# backtrack exponentially; peft alpha_pattern keys come from the file, so they are not trusted
+_NESTED_REPEAT = re.compile(r"[*+}][^()]*\)[*+{?]")
+
+
+def _safe_pattern(pattern: str) -> bool:
+    """Whether an alpha_pattern from a file is safe to match (bounded length, no nested repeats)."""
+    return len(pattern) <= 1000 and not _NESTED_REPEAT.search(pattern)
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
@@ -129,7 +141,15 @@ def load_file(source: str | os.PathLike | Mapping[str, torch.Tensor], *, strict:
     if fp8:
         report(f"{plural(len(fp8), 'tensor')} stored in fp8 ({dtypes[fp8[0]]}); they are upcast to "
                "fp32, but their precision is already reduced", fp8[0])
-    modules, unknown = group_keys(src.keys())
+    modules, unknown, clashes = group_keys(src.keys())
+    for key, earlier in clashes:
+        module = next(m for m, keys in modules.items() if earlier in keys.values())
+        report(f"names the same tensor of module {module!r} as {earlier!r} (two spellings of one "
+               "key): the module is ambiguous", key, "error")
+        modules.pop(module, None)
+    for name in [n for n in modules if not n.strip(".")]:
+        report(f"module name {name!r} is empty or only dots: it matches no layer (module skipped)",
+               next(iter(modules.pop(name).values())))
     for name in [n for n, keys in modules.items() if set(keys) == {"weight"}]:
         # a lone `<x>.weight` is (IA)^3's suffix only next to `on_input`; alone it is just unknown
         unknown.append(modules.pop(name)["weight"])
@@ -143,6 +163,7 @@ def load_file(source: str | os.PathLike | Mapping[str, torch.Tensor], *, strict:
     adapters: dict[str, Adapter] = {}
     missing_alpha: list[str] = []
     zero_alpha: list[str] = []
+    negative_alpha: list[str] = []
     for name, suffix_keys in modules.items():
         for suffix in [s for s in suffix_keys if s in IGNORED_SUFFIXES]:
             report(IGNORED_SUFFIXES[suffix], suffix_keys.pop(suffix))
@@ -161,23 +182,31 @@ def load_file(source: str | os.PathLike | Mapping[str, torch.Tensor], *, strict:
             tensors = {s: _upcast(src[k]) for s, k in suffix_keys.items()}
             try:
                 adapter = cls.load(tensors, name=name, file=path)
-            except (IndexError, RuntimeError, TypeError) as exc:
+            except LycorisError:
+                raise
+            except (IndexError, RuntimeError, TypeError, ValueError, ArithmeticError) as exc:
                 # tensors of the right names but impossible shapes/ndims for this algorithm
                 raise LycorisShapeError(f"cannot build {cls.algo} module from shapes "
                                         f"{ {s: list(v) for s, v in shapes.items()} }: {exc}",
                                         file=path, key=name) from exc
+        except LycorisFormatError:
+            raise  # the file itself (its data, or the file changing under us), not this module
         except LycorisError as exc:
             if strict:
                 raise
             keep(Problem("error", exc.file or path, exc.key or name, exc.reason))
             continue
         if cls.uses_alpha and adapter.alpha_matters():
-            if "alpha" not in tensors and peft is not None:
-                adapter.alpha = peft.alpha_for(name, adapter.rank)
-            elif "alpha" not in tensors:
-                missing_alpha.append(name)
+            if "alpha" not in tensors:
+                peft_alpha = math.nan if peft is None else peft.alpha_for(name, adapter.rank)
+                if math.isfinite(peft_alpha):
+                    adapter.alpha = peft_alpha
+                else:
+                    missing_alpha.append(name)
             elif adapter.alpha == 0:
                 zero_alpha.append(name)
+            elif adapter.alpha < 0:
+                negative_alpha.append(name)
         adapters[name] = adapter
     if missing_alpha:
         report(f"{plural(len(missing_alpha), 'module')} without alpha: using alpha = rank (scale 1)",
@@ -186,6 +215,10 @@ def load_file(source: str | os.PathLike | Mapping[str, torch.Tensor], *, strict:
         report(f"{plural(len(zero_alpha), 'module')} with alpha 0: read as alpha = rank (scale 1), "
                "as kohya and LyCORIS training do; ComfyUI core would give them no effect",
                f"{zero_alpha[0]}.alpha")
+    if negative_alpha:
+        first = adapters[negative_alpha[0]].alpha
+        report(f"{plural(len(negative_alpha), 'module')} with negative alpha (e.g. {first:g}): the "
+               "scale alpha/rank is negative, so the update is subtracted", f"{negative_alpha[0]}.alpha")
     key_bytes = {k: src.key_nbytes(k) for k in src}
     return AdapterFile(path, adapters, dict(src.metadata), problems, src.nbytes(), dtypes,
                        module_keys=module_keys, key_bytes=key_bytes, converted_keys=converted_keys)

@@ -29,6 +29,11 @@ class LycorisShapeError(LycorisError):
     """Tensor shapes disagree with each other or with the weight they patch."""
 
 
+class LycorisOverflowError(LycorisError):
+    """A merged weight or an adapter's change is not finite, or exceeds the range of the dtype it is
+    stored or computed in (finite factors whose product overflows)."""
+
+
 class LycorisWarning(UserWarning):
     """Something was skipped or interpreted; the adapter is still usable."""
 

@@ -20,6 +20,7 @@ from .algos import Adapter
 from .blocks import block_group, detect_arch, group_title, is_known_name, module_blocks
 from .blocks.names import block_sort_key
 from .errors import LycorisError, LycorisWarning, Problem, plural
+from .io import parse_json
 
 EXAMPLE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples",
                             "example_sd15_mixed.safetensors")
@@ -118,7 +119,7 @@ def trigger_words(metadata: Mapping[str, str], limit: int = 10) -> list[str]:
     raw = metadata.get("ss_tag_frequency")
     if not raw:
         return []
-    data = json.loads(raw)
+    data = parse_json(raw)
     counts: Counter = Counter()
     for tags in data.values():
         for tag, n in tags.items():
@@ -155,8 +156,8 @@ def _own_problems(af: AdapterFile, guess: str | None) -> list[Problem]:
         note(f"{plural(len(zero), 'module')} with an all-zero update (untrained or zeroed): no effect",
              zero[0])
     try:
-        args = json.loads(meta.get("ss_network_args") or "{}")
-    except json.JSONDecodeError as exc:
+        args = parse_json(meta.get("ss_network_args") or "{}")
+    except ValueError as exc:
         note(f"ss_network_args is not valid JSON ({exc})", "ss_network_args")
         args = {}
     said = str(args.get("algo", "")).lower() if isinstance(args, dict) else ""
@@ -166,7 +167,7 @@ def _own_problems(af: AdapterFile, guess: str | None) -> list[Problem]:
              "ss_network_args")
     dim = meta.get("ss_network_dim")
     ranks = {a.rank for a in af.adapters.values() if a.rank is not None}
-    if dim and ranks and dim.isdigit() and int(dim) not in ranks:
+    if dim and ranks and dim.isdecimal() and len(dim) < 20 and int(dim) not in ranks:
         note(f"metadata ss_network_dim is {dim} but no module has that rank "
              f"(ranks: {', '.join(map(str, sorted(ranks)))})", "ss_network_dim")
     said_base = meta.get("ss_base_model_version")
@@ -176,7 +177,7 @@ def _own_problems(af: AdapterFile, guess: str | None) -> list[Problem]:
     if meta.get("ss_tag_frequency"):
         try:
             trigger_words(meta)
-        except (ValueError, TypeError, AttributeError) as exc:
+        except (ValueError, TypeError, AttributeError, ArithmeticError) as exc:
             note(f"ss_tag_frequency is not the expected JSON {{folder: {{tag: count}}}} ({exc})",
                  "ss_tag_frequency")
     return out
@@ -220,7 +221,7 @@ def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
     meta = af.metadata
     try:
         triggers = trigger_words(meta)
-    except (ValueError, TypeError, AttributeError):
+    except (ValueError, TypeError, AttributeError, ArithmeticError):
         triggers = []
     return {
         "file": path,

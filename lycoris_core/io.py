@@ -6,6 +6,7 @@ import json
 import math
 import os
 import secrets
+import stat
 import struct
 import sys
 from collections.abc import Iterator, Mapping
@@ -28,11 +29,73 @@ DTYPE_NAMES: dict[torch.dtype, str] = {d: name for name, (d, _) in DTYPES.items(
 FP8_NAMES = {"F8_E4M3", "F8_E5M2"}
 
 
+# what `os.stat` says a path is, for refusing anything but a regular file before reading it
+_NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"),
+                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                (stat.S_ISSOCK, "a socket"))
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object names the same key twice (json keeps the last value, readers disagree)."""
+
+    def __init__(self, key: str):
+        super().__init__(f"duplicate key {key!r}")
+        self.key = key
+
+
+def _unique_pairs(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def parse_json(raw: str | bytes) -> object:
+    """`json.loads` with bounds: duplicate object keys, nesting too deep for the parser and numbers
+    too long to convert raise ValueError naming the problem (never RecursionError)."""
+    try:
+        return json.loads(raw, object_pairs_hook=_unique_pairs)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to parse (thousands of levels)") from None
+
+
+def file_signature(st: os.stat_result) -> tuple[int, int, int, int]:
+    """(device, inode, size, mtime): what changes when a file is replaced or rewritten."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _open_regular(path: str) -> tuple[int, os.stat_result]:
+    """An fd of `path` and its stat, refusing anything but a regular file without blocking on it
+    (a named pipe would block an ordinary open forever)."""
+    try:
+        kind = next((what for test, what in _NOT_REGULAR if test(os.stat(path).st_mode)), None)
+        if kind is None:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+            st = os.fstat(fd)
+            kind = next((what for test, what in _NOT_REGULAR if test(st.st_mode)), None)
+            if kind is None:
+                return fd, st
+            os.close(fd)  # swapped for something else between stat and open
+    except OSError as exc:
+        raise LycorisFormatError(f"cannot read file: {exc.strerror or exc}", file=path) from exc
+    raise LycorisFormatError(f"is {kind}, not a regular file: expected a .safetensors file",
+                             file=path)
+
+
 def read_header(path: str) -> tuple[dict[str, dict], dict[str, str]]:
     """Validate a safetensors header; return ({key: {dtype, shape, data_offsets}}, metadata)."""
+    header, metadata, _ = _read_header(path)
+    return header, metadata
+
+
+def _read_header(path: str) -> tuple[dict[str, dict], dict[str, str], tuple]:
+    """`read_header` plus the file's signature when it was read."""
+    fd, st = _open_regular(path)
+    size = st.st_size
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        with os.fdopen(fd, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
                 raise LycorisFormatError(f"not a safetensors file: only {size} bytes", file=path)
@@ -44,9 +107,15 @@ def read_header(path: str) -> tuple[dict[str, dict], dict[str, str]]:
             raw = f.read(n)
     except OSError as exc:
         raise LycorisFormatError(f"cannot read file: {exc.strerror or exc}", file=path) from exc
+    if len(raw) != n:
+        raise LycorisFormatError(f"file changed while it was read: header of {n} bytes, only "
+                                 f"{len(raw)} could be read", file=path)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = parse_json(raw.decode("utf-8"))
+    except _DuplicateKey as exc:
+        raise LycorisFormatError(f"header names {exc.key!r} twice: JSON readers keep different "
+                                 "copies, so the file is ambiguous", file=path, key=exc.key) from exc
+    except (UnicodeDecodeError, ValueError) as exc:
         raise LycorisFormatError(f"header is not valid JSON ({exc})", file=path) from exc
     if not isinstance(header, dict):
         raise LycorisFormatError("header is not a JSON object", file=path)
@@ -75,7 +144,7 @@ def read_header(path: str) -> tuple[dict[str, dict], dict[str, str]]:
             f"tensors cover {end} bytes of data but the file holds {data_len}: trailing bytes "
             "(header lies about offsets, or two files were concatenated)", file=path,
             key=prev)
-    return header, metadata
+    return header, metadata, file_signature(st)
 
 
 def _is_int(v: object) -> bool:
@@ -86,7 +155,7 @@ def _check_entry(path: str, key: str, info: object, data_len: int) -> None:
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
         raise LycorisFormatError("header entry lacks dtype/shape/data_offsets", file=path, key=key)
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise LycorisFormatError(f"unknown dtype {dtype!r} (supported: {', '.join(DTYPES)})",
                                  file=path, key=key)
     if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
@@ -110,20 +179,41 @@ class TensorSource(Mapping[str, torch.Tensor]):
 
     def __init__(self, path: str):
         self.path = os.fspath(path)
-        self.header, self.metadata = read_header(self.path)
+        self.header, self.metadata, self._signature = _read_header(self.path)
         try:
             self._handle = safe_open(self.path, framework="pt", device="cpu")
         except (SafetensorError, OSError) as exc:
             raise LycorisFormatError(f"safetensors refused the file: {exc}", file=self.path) from exc
+        self._check_unchanged(None)
+
+    def _check_unchanged(self, key: str | None) -> None:
+        """Raise when the file on disk is no longer the one whose header was validated (rewritten,
+        truncated or replaced while it is read): its data may no longer match the header."""
+        advice = "read it again once whatever writes it has finished"
+        try:
+            now = file_signature(os.stat(self.path))
+        except OSError as exc:
+            raise LycorisFormatError(f"file changed on disk while it was read (now: "
+                                     f"{exc.strerror or exc}): {advice}", file=self.path,
+                                     key=key) from exc
+        if now == self._signature:
+            return
+        before = self._signature[2]
+        change = f"size {before} -> {now[2]} bytes" if now[2] != before else "rewritten or replaced"
+        raise LycorisFormatError(f"file changed on disk while it was read ({change}): {advice}",
+                                 file=self.path, key=key)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self.header:
             raise KeyError(key)
+        self._check_unchanged(key)
         try:
-            return self._handle.get_tensor(key)
+            tensor = self._handle.get_tensor(key)
         except (SafetensorError, OSError) as exc:
             raise LycorisFormatError(f"cannot read tensor data: {exc}", file=self.path,
                                      key=key) from exc
+        self._check_unchanged(key)
+        return tensor
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.header)
@@ -286,6 +376,21 @@ def _temp_beside(path: str) -> str:
             continue
 
 
+def _publish_new(tmp: str, path: str) -> None:
+    """Give the finished `tmp` the name `path` unless a file took that name meanwhile: a hard
+    link fails atomically on an existing name (a rename would replace it)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path}: file exists; pass overwrite=True to replace it") from None
+    except OSError:  # a file system without hard links: the check before writing has to do
+        if os.path.lexists(path):
+            raise FileExistsError(f"{path}: file exists; pass overwrite=True to replace it") from None
+        os.replace(tmp, path)
+        return
+    os.remove(tmp)
+
+
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
                       metadata: Mapping[str, str] | None = None, *, overwrite: bool = False) -> str:
     """Write a safetensors file atomically (temporary file beside it, fsync, rename).
@@ -312,7 +417,10 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLi
                     f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _publish_new(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)

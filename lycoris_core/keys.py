@@ -40,7 +40,7 @@ def _suffix_table(suffixes: Iterable[str] | None) -> list[tuple[str, str]]:
 
 def _split(key: str, table: list[tuple[str, str]]) -> tuple[str, str | None]:
     for ending, canonical in table:
-        if key.endswith(ending) and len(key) > len(ending):
+        if key.endswith(ending):
             return key[: -len(ending)], canonical
     return (key.split(".", 1)[0] if "." in key else key), None
 
@@ -50,15 +50,21 @@ def split_key(key: str, suffixes: Iterable[str] | None = None) -> tuple[str, str
     return _split(key, _suffix_table(suffixes))
 
 
-def group_keys(keys: Iterable[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
-    """({module: {canonical suffix: file key}}, [keys with no known suffix])."""
+def group_keys(keys: Iterable[str]) -> tuple[dict[str, dict[str, str]], list[str],
+                                              list[tuple[str, str]]]:
+    """({module: {canonical suffix: file key}}, [keys with no known suffix], [(key, earlier key)
+    for keys that name a module's suffix another key already named, e.g. `lora_A` and
+    `lora_down` of one module]); the first key of a clash is the one kept."""
     table = _suffix_table(None)
     modules: dict[str, dict[str, str]] = {}
     unknown: list[str] = []
+    clashes: list[tuple[str, str]] = []
     for key in keys:
         module, suffix = _split(key, table)
         if suffix is None:
             unknown.append(key)
+        elif suffix in modules.setdefault(module, {}):
+            clashes.append((key, modules[module][suffix]))
         else:
-            modules.setdefault(module, {})[suffix] = key
-    return modules, unknown
+            modules[module][suffix] = key
+    return modules, unknown, clashes

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import comfy.utils
 import torch
 
-from ..lycoris_core import LycorisError, LycorisShapeError
+from ..lycoris_core import LycorisError, LycorisOverflowError, LycorisShapeError
 from .bypass import add_bypass, bypass_unsupported, quantised_reason
+from .host_compat import stored_float_dtype
 from .keymap import CLIP, MODEL, KeyMap, Target
 from .merge_patch import add_merge_patches
 from .report import build_report, grouped, part_line
@@ -93,6 +94,7 @@ def _plan(resolution, roots: dict, strengths: dict, mode: str, block_weights):
     """Validate every target and choose its method; raise before anything is patched."""
     plan: list[_Planned] = []
     errors: list[str] = []
+    overflows: list[str] = []
     notes: Counter = Counter()
     zero = 0
     total = len(resolution.targets)
@@ -118,19 +120,40 @@ def _plan(resolution, roots: dict, strengths: dict, mode: str, block_weights):
             errors.append(f"{target.name}: {exc.reason}")
             continue
         method, reason = _method(mode, target, roots[target.part])
+        try:
+            target.adapter.check_range(_range_dtype(roots[target.part], target.key, method), strength)
+        except LycorisOverflowError as exc:
+            overflows.append(f"{target.name}: {exc.reason}")
+            continue
         if reason:
             notes[(target.part, reason)] += 1
         if note and method == "merge":
             notes[(target.part, note)] += 1
         plan.append(_Planned(target, strength, method, with_bias and method == "merge"))
-    return plan, errors, notes, zero
+    return plan, errors, overflows, notes, zero
 
 
-def _raise_errors(label: str, errors: list[str], total: int) -> None:
+def _range_dtype(root, key: str, method: str) -> torch.dtype:
+    """The dtype a module's change must fit: the weight's own plain float dtype; else, bypassed,
+    the dtype the model computes in; else fp32 (merges into other storage are computed in fp32)."""
+    compute = getattr(root, "manual_cast_dtype", None) if method == "bypass" else None
+    return stored_float_dtype(root, key) or compute or torch.float32
+
+
+def _listed(errors: list[str]) -> str:
     shown = "\n".join(f"  {e}" for e in errors[:MAX_LISTED_ERRORS])
     more = f"\n  ... and {len(errors) - MAX_LISTED_ERRORS} more" if len(errors) > MAX_LISTED_ERRORS else ""
-    raise LycorisShapeError(f"{len(errors)} of {total} modules do not fit this model, nothing was "
-                            f"applied (file made for another model?):\n{shown}{more}", file=label)
+    return shown + more
+
+
+def _raise_errors(label: str, errors: list[str], overflows: list[str], total: int) -> None:
+    if errors:
+        raise LycorisShapeError(f"{len(errors)} of {total} modules do not fit this model, nothing was "
+                                f"applied (file made for another model?):\n{_listed(errors)}",
+                                file=label)
+    raise LycorisOverflowError(f"{len(overflows)} of {total} modules would make weights that are not "
+                               f"finite in this model, nothing was applied:\n{_listed(overflows)}",
+                               file=label)
 
 
 def apply_lycoris(model, clip, adapters: Mapping, strength_model: float, strength_clip: float,
@@ -156,9 +179,9 @@ def apply_lycoris(model, clip, adapters: Mapping, strength_model: float, strengt
         roots[MODEL] = model.model
     if clip is not None:
         roots[CLIP] = clip.patcher.model
-    plan, errors, notes, zero = _plan(resolution, roots, strengths, mode, block_weights)
-    if errors:
-        _raise_errors(label, errors, len(resolution.targets))
+    plan, errors, overflows, notes, zero = _plan(resolution, roots, strengths, mode, block_weights)
+    if errors or overflows:
+        _raise_errors(label, errors, overflows, len(resolution.targets))
     if not resolution.targets and resolution.unmatched:
         raise LycorisError("no module of this file matches the model (file made for another "
                            f"model?); {len(resolution.unmatched)} unmatched:\n"

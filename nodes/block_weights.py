@@ -100,7 +100,7 @@ def file_module_names(path: str) -> list[str]:
             _NAMES_CACHE.move_to_end(signature)
             return _NAMES_CACHE[signature]
     header, _ = read_header(path)
-    modules, _ = group_keys(header)
+    modules, _, _ = group_keys(header)
     # a lone `<module>.weight` is no adapter (the loader skips it too)
     names = [n for n, keys in modules.items() if set(keys) != {"weight"}]
     with _NAMES_LOCK:

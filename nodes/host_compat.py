@@ -60,6 +60,22 @@ def storage_reason(module: torch.nn.Module, name: str = "weight") -> str | None:
     return None
 
 
+def stored_float_dtype(root: torch.nn.Module, key: str) -> torch.dtype | None:
+    """The dtype of the weight at `key` when it is plain float storage (what a merged weight is
+    cast back to, and what the layer computes in), else None (other storage, or no such weight)."""
+    import comfy.utils
+
+    path, _, name = key.rpartition(".")
+    try:
+        module = comfy.utils.get_attr(root, path)
+    except AttributeError:
+        return None
+    weight = getattr(module, name, None)
+    if not isinstance(weight, torch.Tensor) or storage_reason(module, name) is not None:
+        return None
+    return weight.dtype
+
+
 def dequantiser(module: torch.nn.Module):
     """device -> the fp32 weight `module` computes with, the way the host gets it: the layer's own
     `cast_bias_weight` (GGUF-style layers dequantise and apply their patches there), else the host's

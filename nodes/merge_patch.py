@@ -14,6 +14,7 @@ import torch
 from comfy.weight_adapter import WeightAdapterBase
 
 from ..lycoris_core import LycorisError
+from .host_compat import stored_float_dtype
 
 
 def _is_identity(function, like: torch.Tensor) -> bool:
@@ -34,6 +35,7 @@ class PatchSpec:
 
     template: object  # lycoris_core Adapter
     module_name: str
+    store_dtype: torch.dtype | None = None  # the model's plain float weight dtype: results must fit
 
 
 class _Patch(WeightAdapterBase):
@@ -53,12 +55,13 @@ class _Patch(WeightAdapterBase):
         self.loaded_keys = loaded_keys
         self.weights = weights
         self.module_name = spec.module_name
+        self.store_dtype = spec.store_dtype
         self.adapter = spec.template.with_tensors(weights[:-1])
         self.name = f"lycoris:{self.adapter.algo}"
 
     @classmethod
-    def of(cls, adapter, module_name: str) -> "_Patch":
-        return cls(set(), (*adapter.tensor_values(), PatchSpec(adapter, module_name)))
+    def of(cls, adapter, module_name: str, store_dtype: torch.dtype | None = None) -> "_Patch":
+        return cls(set(), (*adapter.tensor_values(), PatchSpec(adapter, module_name, store_dtype)))
 
     def calculate_shape(self, key):  # newer hosts: our patches never change a weight's shape
         return None
@@ -91,11 +94,13 @@ class _Patch(WeightAdapterBase):
 
 
 class LycorisWeightPatch(_Patch):
-    """`W <- W + m * D(W)` through the adapter's own fp32 merge, in place."""
+    """`W <- W + m * D(W)` through the adapter's own fp32 merge, in place. A result that is not
+    finite or does not fit the model's weight dtype raises (naming file and module); the host
+    then keeps the model's weight, since it only stores our working copy after we return."""
 
     def _patched(self, weight, strength):
         try:
-            return self.adapter.merge(weight, strength, inplace=True)
+            return self.adapter.merge(weight, strength, inplace=True, store_dtype=self.store_dtype)
         finally:
             # prepared factors live on the patch device: do not keep them there after patching
             self.adapter.clear_cache()
@@ -124,7 +129,8 @@ def add_merge_patches(patcher, items: Iterable[tuple], part_label: str) -> int:
     batches: list[tuple[float, dict]] = []
     last: dict = {}  # key -> index of the last batch that patches it
     for target, strength, with_bias in items:
-        patches = {target.patch_key: LycorisWeightPatch.of(target.adapter, target.name)}
+        store = stored_float_dtype(patcher.model, target.key)
+        patches = {target.patch_key: LycorisWeightPatch.of(target.adapter, target.name, store)}
         if with_bias:
             patches[target.bias_patch_key] = LycorisBiasPatch.of(target.adapter, target.name)
         after = max((last[k] for k in patches if k in last), default=-1)

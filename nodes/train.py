@@ -22,7 +22,6 @@ prompt trains again instead of reusing the partial result from the cache.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import Counter
@@ -38,6 +37,7 @@ import comfy.utils
 import folder_paths
 
 from ..lycoris_core import AdapterFile
+from ..lycoris_core.io import parse_json
 from ..lycoris_core.save import standard_metadata
 from ..lycoris_core.train import (OPTIMIZERS, PRESETS, SCHEDULES, Dropout, Root, Trainer, attached,
                                   autograd_safe, checkpoint_blocks, checkpointed, create_adapters,
@@ -469,7 +469,7 @@ class LycorisTrain:
         except ValueError:
             prev_steps = 0
         try:
-            args = {k: v for k, v in json.loads(previous.get("ss_network_args", "{}")).items()
+            args = {k: v for k, v in parse_json(previous.get("ss_network_args", "{}")).items()
                     if k != "algo"}
         except (ValueError, AttributeError):
             args = {}

@@ -1,14 +1,20 @@
 """Broken and unusual files: every error or warning names the file, the key and the reason."""
+import hashlib
+import io
 import json
+import os
 import struct
+import threading
 import warnings
 
 import pytest
 import torch
 
-from lycoris_core import (REGISTRY, LayerSpec, LycorisError, LycorisFormatError, LycorisShapeError,
-                          LycorisWarning, load_file, save_file)
-from lycoris_core.io import read_header, write_safetensors
+from lycoris_core import (REGISTRY, LayerSpec, LycorisError, LycorisFormatError,
+                          LycorisOverflowError, LycorisShapeError, LycorisWarning, inspect_file,
+                          load_file, save_file)
+from lycoris_core.inspect import run
+from lycoris_core.io import TensorSource, read_header, write_safetensors
 
 A = "lora_unet_down_blocks_0_attentions_0_proj_in"
 B = "lora_unet_up_blocks_1_attentions_0_proj_out"
@@ -356,3 +362,355 @@ def test_every_algorithm_refuses_another_layer(tmp_path, algo):
                 adapter.merge(weight, 1.0, inplace=inplace)
             assert_names(e.value, path, A)
             assert torch.equal(weight, before), f"{algo} changed the weight before failing"
+
+
+# ----- paths that are not regular files -------------------------------------------------------
+
+def digest(path) -> str:
+    """sha256 of a file's bytes: a bad file must never be modified by reading it."""
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def returns_within(seconds: float, fn, *args):
+    """fn(*args) run in a daemon thread; fails the test (instead of hanging it) when it blocks."""
+    out: dict = {}
+
+    def call():
+        try:
+            out["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            out["error"] = exc
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{fn.__name__} blocked for more than {seconds} s"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def _fifo(tmp_path):
+    path = tmp_path / "pipe.safetensors"
+    os.mkfifo(path)
+    return path
+
+
+def _directory(tmp_path):
+    path = tmp_path / "folder.safetensors"
+    path.mkdir()
+    return path
+
+
+def _device_link(tmp_path):
+    path = tmp_path / "device.safetensors"
+    path.symlink_to("/dev/zero")
+    return path
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX paths")
+@pytest.mark.parametrize("make, kind", [(_fifo, "a named pipe"), (_directory, "a directory"),
+                                        (_device_link, "a character device")],
+                         ids=["fifo", "directory", "device"])
+def test_path_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path, make, kind):
+    path = make(tmp_path)
+    with pytest.raises(LycorisFormatError) as e:
+        returns_within(10, load_file, path)
+    assert type(e.value) is LycorisFormatError
+    assert_names(e.value, str(path), None, f"is {kind}, not a regular file")
+    err = io.StringIO()
+    assert returns_within(10, inspect_run, str(path), False, io.StringIO(), err) == 1
+    assert_names(err.getvalue(), str(path), None, f"is {kind}, not a regular file")
+
+
+def inspect_run(path, as_json, out, err):
+    """The inspect command as the CLI runs it."""
+    return run(path, as_json=as_json, out=out, err=err)
+
+
+def test_symlink_loop_is_refused(tmp_path):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    with pytest.raises(LycorisFormatError) as e:
+        load_file(a)
+    assert type(e.value) is LycorisFormatError
+    assert_names(e.value, str(a), None, "cannot read file", "symbolic links")
+
+
+# ----- a file changing while it is read --------------------------------------------------------
+
+def test_file_rewritten_while_it_is_read_is_refused(tmp_path):
+    path = write(tmp_path, lora(A) | lora(B))
+    src = TensorSource(path)
+    first = next(iter(src))
+    with open(path, "ab") as f:  # another program appends / rewrites the file meanwhile
+        f.write(bytes(64))
+    with pytest.raises(LycorisFormatError) as e:
+        src[first]
+    assert_names(e.value, path, first, "file changed on disk while it was read", "-> ")
+
+
+def test_file_replaced_during_load_fails_the_whole_load(tmp_path):
+    """Changed between the header and the data: a file error (strict or not), never a module
+    silently skipped or read from the new file's bytes."""
+    path = write(tmp_path, lora(A) | lora(B))
+    other = write(tmp_path, lora(A, seed=3) | lora(B, seed=4), name="other.safetensors")
+
+    def convert(sd):  # runs after the header was read and before any data is
+        os.replace(other, path)
+        return sd
+
+    with pytest.raises(LycorisFormatError) as e:
+        load_file(path, convert=convert)
+    assert_names(e.value, path, None, "file changed on disk while it was read")
+    assert e.value.key in lora(A) | lora(B)
+
+
+# ----- shapes, offsets and keys a header lies about --------------------------------------------
+
+def test_shape_too_large_to_allocate_is_refused_before_reading(tmp_path):
+    huge = [1 << 40, 1 << 40]
+    path = write_raw(tmp_path, {f"{A}.lora_down.weight": {"dtype": "F32", "shape": huge,
+                                                           "data_offsets": [0, 8]}}, bytes(8))
+    before = digest(path)
+    with pytest.raises(LycorisFormatError) as e:
+        load_file(path)
+    assert_names(e.value, path, f"{A}.lora_down.weight", "span 8 bytes", str(huge))
+    assert digest(path) == before
+
+
+def test_offsets_far_outside_the_file(tmp_path):
+    path = write_raw(tmp_path, {f"{A}.alpha": _f32([1 << 62, (1 << 62) + 8])}, bytes(8))
+    with pytest.raises(LycorisFormatError) as e:
+        load_file(path)
+    assert_names(e.value, path, f"{A}.alpha", "run past the end of the data")
+
+
+def test_duplicate_key_in_the_header_is_refused(tmp_path):
+    entry = json.dumps(_f32([0, 8]))
+    raw = (f'{{"{A}.alpha": {entry}, "{B}.alpha": {json.dumps(_f32([8, 16]))}, '
+           f'"{A}.alpha": {entry}}}').encode()
+    path = tmp_path / "dup.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(16))
+    with pytest.raises(LycorisFormatError) as e:
+        load_file(path)
+    assert_names(e.value, str(path), f"{A}.alpha", "names", "twice")
+
+
+def test_two_spellings_of_one_key_make_the_module_ambiguous(tmp_path):
+    tensors = lora(A) | lora(B)
+    tensors[f"{A}.lora_A.weight"] = torch.randn(2, 6)  # peft spelling of lora_down.weight
+    path = write(tmp_path, tensors)
+    before = digest(path)
+    with pytest.warns(LycorisWarning) as record:
+        af = load_file(path)
+    msg = one_warning(record, "same tensor")
+    assert_names(msg, path, f"{A}.lora_", "two spellings of one key", "skipped")
+    assert list(af) == [B]
+    with pytest.raises(LycorisError) as e:
+        load_file(path, strict=True)
+    assert type(e.value) is LycorisError
+    assert_names(e.value, path, f"{A}.lora_", "ambiguous")
+    assert digest(path) == before
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "..."])
+def test_module_names_empty_or_only_dots_match_no_layer(tmp_path, name):
+    tensors = {f"{name}.{k.split('.', 1)[1]}": v for k, v in lora(A).items()} | lora(B)
+    path = write(tmp_path, tensors)
+    with pytest.warns(LycorisWarning) as record:
+        af = load_file(path, strict=True)  # a name is no reason to refuse the file
+    msg = one_warning(record, "empty or only dots")
+    assert_names(msg, path, f"{name}.", f"module name {name!r}", "matches no layer", "skipped")
+    assert list(af) == [B]
+    assert any("matches no layer" in p.reason for p in af.problems)
+
+
+# ----- factor tensors ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shapes", [((8, 0), (0, 6)), ((8, 2), (2, 0))], ids=["rank-0", "no-inputs"])
+def test_rank_zero_or_empty_factors_name_the_key(tmp_path, shapes):
+    tensors = lora(A) | lora(B)
+    tensors[f"{A}.lora_up.weight"] = torch.zeros(shapes[0])
+    tensors[f"{A}.lora_down.weight"] = torch.zeros(shapes[1])
+    path = write(tmp_path, tensors)
+    with pytest.raises(LycorisShapeError) as e:
+        load_file(path, strict=True)
+    assert_names(e.value, path, f"{A}.lora_", "tensor is empty", "rank-0")
+    with pytest.warns(LycorisWarning, match="tensor is empty"):
+        af = load_file(path)
+    assert list(af) == [B]
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int32, torch.int64, torch.bool])
+def test_integer_and_bool_factors_are_refused(tmp_path, dtype):
+    tensors = lora(A) | lora(B)
+    tensors[f"{A}.lora_down.weight"] = torch.ones(2, 6, dtype=dtype)
+    path = write(tmp_path, tensors)
+    with pytest.raises(LycorisError) as e:
+        load_file(path, strict=True)
+    assert type(e.value) is LycorisError
+    name = str(dtype).replace("torch.", "")
+    assert_names(e.value, path, f"{A}.lora_down.weight", f"dtype {name} is not a float dtype")
+    with pytest.warns(LycorisWarning, match="not a float dtype"):
+        assert list(load_file(path)) == [B]
+
+
+def test_alpha_stored_as_bool_is_refused(tmp_path):
+    path = write(tmp_path, lora(A, alpha=torch.tensor(True)) | lora(B))
+    with pytest.raises(LycorisError) as e:
+        load_file(path, strict=True)
+    assert type(e.value) is LycorisError
+    assert_names(e.value, path, f"{A}.alpha", "stored as bool", "expected a number")
+
+
+def test_alpha_nan_is_refused(tmp_path):
+    path = write(tmp_path, lora(A, alpha=float("nan")) | lora(B))
+    with pytest.raises(LycorisError) as e:
+        load_file(path, strict=True)
+    assert_names(e.value, path, f"{A}.alpha", "value is NaN")
+
+
+def test_negative_alpha_warns_once(tmp_path):
+    path = write(tmp_path, lora(A, rank=2, alpha=-4.0) | lora(B, rank=2, alpha=-1.0, seed=1))
+    with pytest.warns(LycorisWarning) as record:
+        af = load_file(path, strict=True)
+    msg = one_warning(record, "negative alpha")
+    assert_names(msg, path, f"{A}.alpha", "2 modules", "e.g. -4", "subtracted")
+    assert af[A].scale == -2.0
+
+
+# ----- products that overflow the weight's dtype -----------------------------------------------
+
+def _overflowing(tmp_path, value: float, rank: int = 1):
+    """A file whose LoRA factors are finite (fp32) but whose product is `value` * rank everywhere."""
+    tensors = {f"{A}.lora_up.weight": torch.full((8, rank), value),
+               f"{A}.lora_down.weight": torch.full((rank, 6), value),
+               f"{A}.alpha": torch.tensor(float(rank))} | lora(B)
+    path = write(tmp_path, tensors)
+    return path, load_file(path, strict=True)
+
+
+@pytest.mark.parametrize("dtype, value, strength, reason", [
+    (torch.float16, 300.0, 1.0, "beyond the range of float16"),
+    (torch.bfloat16, 1.5e19, 2.0, "NaN or Inf"),
+    (torch.float32, 1e20, 1.0, "NaN or Inf"),
+], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
+def test_merge_that_overflows_is_refused(tmp_path, dtype, value, strength, reason, inplace):
+    path, af = _overflowing(tmp_path, value)
+    before = digest(path)
+    weight = torch.randn(8, 6).to(dtype)
+    original = weight.clone()
+    with pytest.raises(LycorisOverflowError) as e:
+        af[A].merge(weight, strength, inplace=inplace)
+    assert_names(e.value, path, A, f"merged weight at strength {strength:g}", reason, "refused")
+    if not inplace:
+        assert torch.equal(weight, original)
+    assert torch.isfinite(af[B].merge(torch.randn(8, 6).to(dtype), strength)).all()  # B is fine
+    assert digest(path) == before
+
+
+def test_merge_refuses_results_beyond_the_dtype_they_will_be_stored_in(tmp_path):
+    """ComfyUI merges into an fp32 working copy of an fp16 weight: the range is the fp16 one."""
+    path, af = _overflowing(tmp_path, 300.0)
+    working = torch.randn(8, 6)
+    with pytest.raises(LycorisOverflowError) as e:
+        af[A].merge(working, inplace=True, store_dtype=torch.float16)
+    assert_names(e.value, path, A, "beyond the range of float16", "9e+04")
+    assert torch.isfinite(af[A].merge(torch.randn(8, 6), store_dtype=torch.float32)).all()
+
+
+def test_full_diff_beyond_half_precision_is_refused(tmp_path):
+    tensors = {f"{A}.diff": torch.full((8, 6), 1e5)}
+    path = write(tmp_path, tensors)
+    adapter = load_file(path, strict=True)[A]
+    with pytest.raises(LycorisOverflowError) as e:
+        adapter.check_range(torch.float16)
+    assert_names(e.value, path, A, "change at strength 1", "beyond the range of float16")
+    adapter.check_range(torch.float32)
+
+
+@pytest.mark.parametrize("dtype, value", [(torch.float16, 300.0), (torch.float32, 1e20)])
+def test_bypass_overflow_is_caught_when_the_adapter_is_checked(tmp_path, dtype, value):
+    """Bypass never builds the merged weight: `check_range` (run by the loader nodes before any
+    patch) refuses the same modules merge would."""
+    path, af = _overflowing(tmp_path, value)
+    with pytest.raises(LycorisOverflowError) as e:
+        af[A].check_range(dtype)
+    assert_names(e.value, path, A, "strength 1")
+    af[B].check_range(dtype)
+    af[A].check_range(dtype, 0.0)
+
+
+def test_range_check_confirms_a_loose_bound_before_refusing(tmp_path):
+    """Factors with large norms whose product cancels: the bound exceeds fp16, the change is 0."""
+    tensors = {f"{A}.lora_up.weight": torch.tensor([[300.0, 300.0]]).repeat(8, 1),
+               f"{A}.lora_down.weight": torch.tensor([[300.0], [-300.0]]).repeat(1, 6),
+               f"{A}.alpha": torch.tensor(2.0)}
+    adapter = load_file(write(tmp_path, tensors), strict=True)[A]
+    assert adapter.delta_bound() > torch.finfo(torch.float16).max
+    adapter.check_range(torch.float16)
+
+
+@pytest.mark.parametrize("algo", sorted(a for a, cls in REGISTRY.items() if hasattr(cls, "create")))
+def test_range_check_passes_every_trained_adapter(tmp_path, algo):
+    layer = torch.nn.LayerNorm(64) if algo == "norm" else torch.nn.Linear(64, 64)
+    try:
+        created = REGISTRY[algo].create(LayerSpec.from_module(layer))
+    except (LycorisError, NotImplementedError) as exc:
+        pytest.skip(f"{algo} cannot be created: {exc}")
+    _, adapter = _saved(tmp_path, _randomized(created), A)
+    adapter.check_range(torch.float16)
+
+
+# ----- metadata ---------------------------------------------------------------------------------
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def test_header_nested_thousands_of_levels_is_a_format_error(tmp_path):
+    raw = ('{"__metadata__": {}, "x": ' + DEEP + "}").encode()
+    path = tmp_path / "deep.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    with pytest.raises(LycorisFormatError) as e:
+        load_file(path)
+    assert_names(e.value, str(path), None, "header is not valid JSON", "nested too deeply")
+
+
+@pytest.mark.parametrize("key", ["ss_network_args", "ss_tag_frequency"])
+def test_metadata_nested_thousands_of_levels_is_reported_by_inspect(tmp_path, key):
+    path = write(tmp_path, lora(A), metadata={key: DEEP})
+    before = digest(path)
+    report = inspect_file(path)
+    problems = [p for p in report["problems"] if p["key"] == key]
+    assert len(problems) == 1 and "nested too deeply" in problems[0]["reason"], report["problems"]
+    assert digest(path) == before
+
+
+def test_peft_config_nested_thousands_of_levels_is_ignored_with_the_alpha_warning(tmp_path):
+    tensors = {f"{A}.lora_A.weight": torch.randn(2, 6), f"{A}.lora_B.weight": torch.randn(8, 2)}
+    path = write(tmp_path, tensors, metadata={"lora_adapter_metadata": DEEP})
+    with pytest.warns(LycorisWarning) as record:
+        af = load_file(path)
+    assert_names(one_warning(record, "without alpha"), path, A, "alpha = rank")
+    assert af[A].scale == 1.0
+
+
+def test_tag_counts_out_of_range_are_reported_not_raised(tmp_path):
+    path = write(tmp_path, lora(A), metadata={"ss_tag_frequency": '{"d": {"cat": 1e999}}'})
+    report = inspect_file(path)
+    assert report["trigger_words"] == []
+    assert any(p["key"] == "ss_tag_frequency" for p in report["problems"])
+
+
+def test_catastrophic_peft_alpha_pattern_is_not_matched(tmp_path):
+    """A file's alpha_pattern is a regular expression: one that backtracks exponentially would
+    hang the load on a long module name; such patterns are ignored."""
+    name = "a" * 40
+    tensors = {f"{name}.lora_A.weight": torch.randn(2, 6), f"{name}.lora_B.weight": torch.randn(8, 2)}
+    config = json.dumps({"lora_alpha": 4, "alpha_pattern": {"(a+)+b": 1}})
+    path = write(tmp_path, tensors, metadata={"lora_adapter_metadata": config})
+    af = returns_within(10, load_file, path)
+    assert af[name].alpha == 4.0

@@ -211,7 +211,7 @@ def test_patch_errors_are_raised_not_swallowed(sd15):
         algo = "broken"
         file = None
 
-        def merge(self, weight, strength, inplace=False):
+        def merge(self, weight, strength, inplace=False, store_dtype=None):
             raise RuntimeError("factor went missing")
 
         def clear_cache(self):

@@ -51,10 +51,11 @@ def test_split_key(key, module, suffix):
 
 def test_glued_lora_suffix_beats_generic_weight_suffix():
     """`…to_q_lora.up.weight` must not be read as (IA)^3's bare `weight` of a module `…to_q_lora.up`."""
-    modules, unknown = group_keys(["m.processor.to_q_lora.up.weight", "m.processor.to_q_lora.down.weight"])
+    modules, unknown, clashes = group_keys(["m.processor.to_q_lora.up.weight",
+                                            "m.processor.to_q_lora.down.weight"])
     assert modules == {"m.processor.to_q": {"lora_up.weight": "m.processor.to_q_lora.up.weight",
                                             "lora_down.weight": "m.processor.to_q_lora.down.weight"}}
-    assert unknown == []
+    assert unknown == [] and clashes == []
 
 
 def _factors(seed: int = 0):

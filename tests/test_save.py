@@ -245,3 +245,22 @@ def test_model_hash_is_the_sha256_of_the_data_section_and_never_stale(tmp_path):
     assert "sshs_legacy_hash" not in meta and meta["ss_network_dim"] == "4"
     other = save_file({**tensors, "m.alpha": torch.tensor(3.0)}, tmp_path / "h2.safetensors")
     assert read_header(other)[1]["sshs_model_hash"] != meta["sshs_model_hash"]
+
+
+def test_a_file_created_while_saving_is_never_replaced(tmp_path, monkeypatch):
+    """Another program takes the name after the existence check: the save refuses, no clobber."""
+    import lycoris_core.io as sio
+
+    _, adapter = build("lora")
+    path = tmp_path / "out.safetensors"
+    make_temp = sio._temp_beside
+
+    def racing_temp(target):
+        path.write_bytes(b"theirs")
+        return make_temp(target)
+
+    monkeypatch.setattr(sio, "_temp_beside", racing_temp)
+    with pytest.raises(FileExistsError, match="out.safetensors"):
+        save_file({NAME: adapter}, path)
+    assert path.read_bytes() == b"theirs"
+    assert sorted(os.listdir(tmp_path)) == ["out.safetensors"]

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..errors import LycorisError, LycorisShapeError
+from ..errors import LycorisError, LycorisOverflowError, LycorisShapeError
 from ..layer import LayerSpec
 
 FP32 = torch.float32
@@ -45,6 +45,8 @@ class Adapter(nn.Module):
     # attribute that absorbs the trainable scalar on export (the first factor of the product)
     first_factor: ClassVar[str] = ""
     uses_alpha: ClassVar[bool] = True
+    # file suffixes holding a number or flag rather than a factor (any dtype, not checked as float)
+    flags: ClassVar[frozenset[str]] = frozenset()
     supports_dora: ClassVar[bool] = False
     # merge in row chunks of this many rows (0: the diff needs the whole weight at once)
     row_block: int = 1
@@ -81,12 +83,26 @@ class Adapter(nn.Module):
     @classmethod
     def load(cls, tensors: dict[str, torch.Tensor], *, name: str = "",
              file: str | None = None) -> "Adapter":
-        """`from_tensors` plus the checks every algorithm shares: finite values and alpha."""
+        """`from_tensors` plus the checks every algorithm shares: no empty tensor, float factors
+        with finite values, a numeric alpha."""
         for suffix, t in tensors.items():
-            if suffix != "alpha" and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            key = f"{name}.{suffix}"
+            if t.numel() == 0:
+                raise LycorisShapeError(f"tensor is empty (shape {list(t.shape)}): a rank-0 or "
+                                        "zero-size factor changes nothing and cannot be scaled",
+                                        file=file, key=key)
+            if suffix == "alpha" and t.dtype == torch.bool:
+                raise LycorisError("alpha is stored as bool: expected a number (alpha/rank is the "
+                                   "scale)", file=file, key=key)
+            if suffix == "alpha" or suffix in cls.flags:
+                continue
+            if not t.is_floating_point():
+                raise LycorisError(f"dtype {str(t.dtype).replace('torch.', '')} is not a float "
+                                   "dtype: adapter factors must be F16, BF16, F32, F64 or F8",
+                                   file=file, key=key)
+            if not bool(torch.isfinite(t).all()):
                 bad = int((~torch.isfinite(t)).sum())
-                raise LycorisError(f"{bad} of {t.numel()} values are NaN or Inf",
-                                   file=file, key=f"{name}.{suffix}")
+                raise LycorisError(f"{bad} of {t.numel()} values are NaN or Inf", file=file, key=key)
         self = cls.from_tensors(tensors, name=name, file=file)
         if cls.uses_alpha:
             alpha = scalar_value(tensors.get("alpha"), file=file, key=f"{name}.alpha")
@@ -202,16 +218,21 @@ class Adapter(nn.Module):
             factor = (mag.reshape(-1) / norm).reshape((1, -1) + (1,) * (weight.ndim - 2))
         return merged * factor - weight
 
-    def merge(self, weight: torch.Tensor, strength: float = 1.0, *,
-              inplace: bool = False) -> torch.Tensor:
+    def merge(self, weight: torch.Tensor, strength: float = 1.0, *, inplace: bool = False,
+              store_dtype: torch.dtype | None = None) -> torch.Tensor:
         """The patched weight `W + m * D(W)`, computed in fp32 on the weight's device.
 
         Returns a new tensor in the weight's dtype, or writes into `weight` when `inplace`.
-        Strength 0 returns the weight unchanged (bit-identical).
+        Strength 0 returns the weight unchanged (bit-identical). A result that is not finite, or
+        beyond the range of the weight's dtype or of `store_dtype` (the dtype the caller will
+        store it in), raises LycorisOverflowError naming file and module; the weight is then
+        untouched unless `inplace` (ComfyUI merges into a working copy it discards on error).
         """
         self.check_target(weight.shape)
-        if strength == 0:
+        if strength == 0 or weight.numel() == 0:
             return weight if inplace else weight.clone()
+        limits = (weight.dtype, store_dtype)
+        what = f"merged weight at strength {strength:g}"
         grad = torch.is_grad_enabled() and (weight.requires_grad or self._trainable())
         chunked = not grad and self.row_block > 0 and not (self.dora_scale is not None
                                                            and self.dora_axis == "in")
@@ -219,6 +240,8 @@ class Adapter(nn.Module):
             p = self._prepared(weight.device, FP32)
             w = weight.to(FP32)
             new = w + strength * self.full_diff(w, None, p)
+            if not grad:  # training sees a non-finite loss itself; no sync on every step
+                self._check_fits([torch.aminmax(new)], limits, what)
             if inplace:
                 with torch.no_grad():
                     weight.copy_(new)
@@ -231,6 +254,7 @@ class Adapter(nn.Module):
         step = max(self.row_block, (budget // row_elems) // self.row_block * self.row_block)
         if self.whole_fp32 and weight.dtype == FP32:
             step = rows_total
+        extremes = []  # (min, max) of each fp32 chunk, checked once at the end: one device sync
         with torch.no_grad():
             p = self._prepared(weight.device, FP32)
             self.prepare_merge(p, strength)
@@ -238,11 +262,57 @@ class Adapter(nn.Module):
                 rows = slice(start, min(start + step, rows_total))
                 if weight.dtype == FP32:
                     self.merge_rows(weight[rows], rows, p, strength, out[rows])
+                    extremes.append(torch.aminmax(out[rows]))
                 else:
                     scratch = weight[rows].to(FP32)
                     self.merge_rows(scratch, rows, p, strength, scratch)
+                    extremes.append(torch.aminmax(scratch))
                     out[rows] = scratch
+        self._check_fits(extremes, limits, what)
         return out
+
+    def _check_fits(self, extremes: list, dtypes: tuple, what: str) -> None:
+        """Raise LycorisOverflowError unless the (min, max) pairs of fp32 values are finite and
+        within the range of every float dtype in `dtypes` (None entries are ignored)."""
+        if not extremes:
+            return
+        values = torch.stack([v for pair in extremes for v in pair]).double().cpu()
+        floats = [d for d in dtypes if d is not None and d.is_floating_point]
+        limit = min((torch.finfo(d).max for d in floats), default=math.inf)
+        if bool((values.abs() <= limit).all()):  # NaN compares false
+            return
+        if not bool(torch.isfinite(values).all()):
+            reason = ("has NaN or Inf values: the factors' product overflows float32 (or the "
+                      "weight already held them)")
+        else:
+            narrow = min(floats, key=lambda d: torch.finfo(d).max)
+            reason = (f"reaches {float(values.abs().max()):.4g}, beyond the range of "
+                      f"{str(narrow).replace('torch.', '')} (±{limit:g}): finite factors whose "
+                      "product overflows")
+        raise LycorisOverflowError(f"{what} {reason}; module refused", file=self.file, key=self.name)
+
+    def delta_bound(self) -> float | None:
+        """An upper bound of max |W(1) - W| computed from the factors alone (cheap: no dense
+        product), or None when the change depends on W or no bound is known."""
+        return None
+
+    def check_range(self, dtype: torch.dtype, strength: float = 1.0) -> None:
+        """Raise LycorisOverflowError when this module's change at `strength` cannot be held in
+        `dtype` (the dtype a layer computes or stores in); call it before bypassing or merging.
+
+        Cheap for every file that fits: the bound of `delta_bound`; only a module whose bound
+        exceeds the range is built densely to confirm, so a loose bound never refuses a module.
+        """
+        bound = self.delta_bound()
+        if bound is None or abs(strength) * bound <= torch.finfo(dtype).max:
+            return
+        shape = self.target_shape
+        if shape is None:
+            return
+        zero = torch.zeros(shape, dtype=FP32, device=next(self.parameters()).device)
+        with torch.no_grad():
+            change = self.merge(zero, strength, inplace=True)  # raises itself beyond float32
+        self._check_fits([torch.aminmax(change)], (dtype,), f"change at strength {strength:g}")
 
     def prepare_merge(self, p: dict, strength: float) -> None:
         """Add to the prepared factors what every chunk of a merge at this strength shares

@@ -71,6 +71,12 @@ class Full(Adapter):
                 p[key] = t.to(device=device, dtype=FP32)
         return p
 
+    def delta_bound(self):
+        if self.diff_w is None:
+            return None  # set_weight replaces W: its change depends on W
+        lo, hi = torch.aminmax(self.diff_w.detach())
+        return max(-float(lo), float(hi))
+
     def diff(self, weight, rows, p):
         if "diff" in p:
             d = p["diff"] if rows is None else p["diff"][rows]

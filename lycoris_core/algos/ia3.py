@@ -15,6 +15,7 @@ class IA3(Adapter):
     algo = "ia3"
     # `on_input` is a flag, not a factor; listed so key grouping knows the suffix
     keys = {"weight": "w", "on_input": "on_input"}
+    flags = frozenset({"on_input"})
     uses_alpha = False
     row_block = 1
 

@@ -7,7 +7,7 @@ import torch
 
 from ..layer import LayerSpec
 from .base import FP32, Adapter
-from .ops import check_dim, dora_in_dim, require, reshape_to, tucker
+from .ops import check_dim, dora_in_dim, product_bound, require, reshape_to, tucker
 from .registry import register
 
 # (a, b, core) attribute names of the two Hadamard factors
@@ -91,6 +91,12 @@ class LoHa(Adapter):
                 p[f"B{j}"] = p[b].reshape(p[b].shape[0], -1)
         p["A1"] = p["A1"] * self.scale
         return p
+
+    def delta_bound(self):
+        if self.dora_scale is not None:
+            return None
+        p = self.prepare(self.w1a.device, FP32)
+        return product_bound(p["A1"], p["B1"]) * product_bound(p["A2"], p["B2"])
 
     def _delta(self, p: dict, rows: slice | None) -> torch.Tensor:
         """Rows of the flattened dW (O x I*K), in the dtype of `p`."""

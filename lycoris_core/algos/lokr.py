@@ -123,6 +123,13 @@ class LoKr(Adapter):
         p["W2"] = w2.contiguous()  # torch.kron needs a viewable layout (einsum output may not be)
         return p
 
+    def delta_bound(self):
+        if self.dora_scale is not None:
+            return None
+        p = self.prepare(next(self.parameters()).device, FP32)
+        # max |W1 ⊗ W2| = max |W1| * max |W2| exactly
+        return float(p["W1"].double().abs().max() * p["W2"].double().abs().max())
+
     def diff(self, weight, rows, p):
         w1, w2 = p["W1"], p["W2"]
         out_k = w2.shape[0]

@@ -5,7 +5,7 @@ import torch
 
 from ..layer import LayerSpec
 from .base import FP32, Adapter
-from .ops import check_dim, kaiming_, require, tucker
+from .ops import check_dim, kaiming_, product_bound, require, tucker
 from .registry import register
 
 
@@ -67,6 +67,12 @@ class LoRA(Adapter):
         p["down_mat"] = down_full.reshape(self.rank, -1)
         p["down_full"] = down_full
         return p
+
+    def delta_bound(self):
+        if self.dora_scale is not None:
+            return None
+        p = self.prepare(self.down.device, FP32)
+        return product_bound(p["up_mat"], p["down_mat"])
 
     def diff(self, weight, rows, p):
         up = p["up_mat"] if rows is None else p["up_mat"][rows]

@@ -19,6 +19,12 @@ def tucker(core: torch.Tensor, out_factor: torch.Tensor, in_factor: torch.Tensor
     return full.reshape(full.shape[0], full.shape[1], *kernel)
 
 
+def product_bound(a: torch.Tensor, b: torch.Tensor) -> float:
+    """An upper bound of max |(a @ b)_ij| without the product: the largest row norm of `a` times the
+    largest column norm of `b` (Cauchy-Schwarz), in float64 so the bound itself cannot overflow."""
+    return float(a.double().norm(dim=1).max() * b.double().norm(dim=0).max())
+
+
 def reshape_to(t: torch.Tensor, shape: tuple[int, ...], *, file: str | None, key: str) -> torch.Tensor:
     """Reshape a product to the target weight shape, failing clearly when sizes differ."""
     if tuple(t.shape) == tuple(shape):
