@@ -1,52 +1,166 @@
-"""Diffusers module paths -> the original (native) layout, for families whose host key maps know
-only the native names (Wan 2.x: diffusers/SimpleTuner files say `blocks.0.attn1.to_q`, ComfyUI's
-model says `blocks.0.self_attn.q`).
+"""Diffusers module paths -> the original (native) layout, for families whose host key maps miss
+diffusers names (Wan, HunyuanVideo, Lumina 2, Flux.2, Chroma's approximator): diffusers/SimpleTuner
+files say `blocks.0.attn1.to_q`, ComfyUI's Wan says `blocks.0.self_attn.q`.
 
-Rules are data: one (pattern, replacement) list per family, on the normalised path (trainer prefix
-removed, `_`-joined, lower case) that the key map indexes. The key map tries the candidates only after every direct lookup failed,
-and a candidate counts only when the model has that path, so a rule never captures another
-family's names.
+Rules are data, on the normalised path (trainer prefix removed, `_`-joined, lower case) that the key
+map indexes. A rule may name a piece of a fused native weight (diffusers' separate q, k, v are rows
+of one qkv weight) and whether the change is stored with its two halves swapped (diffusers' final
+norms hold (scale, shift), the native layout (shift, scale)). The key map tries the candidates only
+after every direct lookup failed, and a candidate counts only when the model has that path, so a
+rule never captures another family's names.
 """
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
-_BLOCK = r"^blocks_(\d+)_"
-RULES: dict[str, list[tuple[re.Pattern, str]]] = {
-    "wan": [(re.compile(p), r) for p, r in (
-        (_BLOCK + r"attn1_to_([qkv])$", r"blocks_\1_self_attn_\2"),
-        (_BLOCK + r"attn1_to_out_0$", r"blocks_\1_self_attn_o"),
-        (_BLOCK + r"attn1_norm_([qk])$", r"blocks_\1_self_attn_norm_\2"),
-        (_BLOCK + r"attn2_to_([qkv])$", r"blocks_\1_cross_attn_\2"),
-        (_BLOCK + r"attn2_to_out_0$", r"blocks_\1_cross_attn_o"),
-        (_BLOCK + r"attn2_norm_([qk])$", r"blocks_\1_cross_attn_norm_\2"),
-        (_BLOCK + r"attn2_add_k_proj$", r"blocks_\1_cross_attn_k_img"),
-        (_BLOCK + r"attn2_add_v_proj$", r"blocks_\1_cross_attn_v_img"),
-        (_BLOCK + r"attn2_norm_added_k$", r"blocks_\1_cross_attn_norm_k_img"),
-        (_BLOCK + r"ffn_net_0_proj$", r"blocks_\1_ffn_0"),
-        (_BLOCK + r"ffn_net_2$", r"blocks_\1_ffn_2"),
-        (_BLOCK + r"norm2$", r"blocks_\1_norm3"),  # diffusers' cross-attention norm
-        (r"^condition_embedder_text_embedder_linear_1$", "text_embedding_0"),
-        (r"^condition_embedder_text_embedder_linear_2$", "text_embedding_2"),
-        (r"^condition_embedder_time_embedder_linear_1$", "time_embedding_0"),
-        (r"^condition_embedder_time_embedder_linear_2$", "time_embedding_2"),
+import torch
+
+
+@dataclass(frozen=True)
+class Rename:
+    """A native spelling of a diffusers path, and the piece of that weight it is, if any."""
+
+    path: str
+    layout: str | None = None  # "qkv" (q, k, v rows) or "qkv_mlp" (q, k, v, mlp rows)
+    index: int = 0  # which piece of the layout
+    swap_halves: bool = False
+
+
+def _rules(*rows) -> list[tuple[re.Pattern, str, str | None, int, bool]]:
+    out = []
+    for row in rows:
+        pattern, native, *rest = row
+        layout, index, swap = (rest + [None, 0, False][len(rest):]) if rest else (None, 0, False)
+        out.append((re.compile(pattern), native, layout, index, swap))
+    return out
+
+
+def _qkv(prefix: str, native: str, names=("to_q", "to_k", "to_v")) -> list[tuple]:
+    """Rules sending `<prefix><name>` (q, k, v in order) to pieces of one fused qkv weight."""
+    return [(prefix + name + "$", native, "qkv", i) for i, name in enumerate(names)]
+
+
+_WAN = r"^blocks_(\d+)_"
+_HV_DOUBLE = r"^transformer_blocks_(\d+)_"
+_HV_SINGLE = r"^single_transformer_blocks_(\d+)_"
+_HV_REFINER = r"^context_embedder_token_refiner_refiner_blocks_(\d+)_"
+_LUMINA = r"^(layers|noise_refiner|context_refiner)_(\d+)_"
+RULES: dict[str, list[tuple[re.Pattern, str, str | None, int, bool]]] = {
+    "wan": _rules(
+        (_WAN + r"attn1_to_([qkv])$", r"blocks_\1_self_attn_\2"),
+        (_WAN + r"attn1_to_out_0$", r"blocks_\1_self_attn_o"),
+        (_WAN + r"attn1_norm_([qk])$", r"blocks_\1_self_attn_norm_\2"),
+        (_WAN + r"attn2_to_([qkv])$", r"blocks_\1_cross_attn_\2"),
+        (_WAN + r"attn2_to_out_0$", r"blocks_\1_cross_attn_o"),
+        (_WAN + r"attn2_norm_([qk])$", r"blocks_\1_cross_attn_norm_\2"),
+        (_WAN + r"attn2_add_k_proj$", r"blocks_\1_cross_attn_k_img"),
+        (_WAN + r"attn2_add_v_proj$", r"blocks_\1_cross_attn_v_img"),
+        (_WAN + r"attn2_norm_added_k$", r"blocks_\1_cross_attn_norm_k_img"),
+        (_WAN + r"ffn_net_0_proj$", r"blocks_\1_ffn_0"),
+        (_WAN + r"ffn_net_2$", r"blocks_\1_ffn_2"),
+        (_WAN + r"norm2$", r"blocks_\1_norm3"),  # diffusers' cross-attention norm
+        (r"^condition_embedder_text_embedder_linear_([12])$", "text_embedding_LIN\\1"),
+        (r"^condition_embedder_time_embedder_linear_([12])$", "time_embedding_LIN\\1"),
         (r"^condition_embedder_time_proj$", "time_projection_1"),
         (r"^condition_embedder_image_embedder_norm1$", "img_emb_proj_0"),
         (r"^condition_embedder_image_embedder_ff_net_0_proj$", "img_emb_proj_1"),
         (r"^condition_embedder_image_embedder_ff_net_2$", "img_emb_proj_3"),
         (r"^condition_embedder_image_embedder_norm2$", "img_emb_proj_4"),
         (r"^proj_out$", "head_head"),
-    )],
+    ),
+    "hunyuan_video": _rules(
+        *_qkv(_HV_DOUBLE + "attn_", r"double_blocks_\1_img_attn_qkv"),
+        *_qkv(_HV_DOUBLE + "attn_", r"double_blocks_\1_txt_attn_qkv", ("add_q_proj", "add_k_proj", "add_v_proj")),
+        (_HV_DOUBLE + r"attn_to_out_0$", r"double_blocks_\1_img_attn_proj"),
+        (_HV_DOUBLE + r"attn_to_add_out$", r"double_blocks_\1_txt_attn_proj"),
+        (_HV_DOUBLE + r"ff_net_0_proj$", r"double_blocks_\1_img_mlp_0"),
+        (_HV_DOUBLE + r"ff_net_2$", r"double_blocks_\1_img_mlp_2"),
+        (_HV_DOUBLE + r"ff_context_net_0_proj$", r"double_blocks_\1_txt_mlp_0"),
+        (_HV_DOUBLE + r"ff_context_net_2$", r"double_blocks_\1_txt_mlp_2"),
+        (_HV_DOUBLE + r"norm1_linear$", r"double_blocks_\1_img_mod_lin"),
+        (_HV_DOUBLE + r"norm1_context_linear$", r"double_blocks_\1_txt_mod_lin"),
+        *[(_HV_SINGLE + name + "$", r"single_blocks_\1_linear1", "qkv_mlp", i)
+          for i, name in enumerate(("attn_to_q", "attn_to_k", "attn_to_v", "proj_mlp"))],
+        (_HV_SINGLE + r"proj_out$", r"single_blocks_\1_linear2"),
+        (_HV_SINGLE + r"norm_linear$", r"single_blocks_\1_modulation_lin"),
+        *_qkv(_HV_REFINER + "attn_", r"txt_in_individual_token_refiner_blocks_\1_self_attn_qkv"),
+        (_HV_REFINER + r"attn_to_out_0$", r"txt_in_individual_token_refiner_blocks_\1_self_attn_proj"),
+        (_HV_REFINER + r"ff_net_0_proj$", r"txt_in_individual_token_refiner_blocks_\1_mlp_0"),
+        (_HV_REFINER + r"ff_net_2$", r"txt_in_individual_token_refiner_blocks_\1_mlp_2"),
+        (_HV_REFINER + r"norm_out_linear$", r"txt_in_individual_token_refiner_blocks_\1_adaln_modulation_1"),
+        (r"^context_embedder_proj_in$", "txt_in_input_embedder"),
+        (r"^context_embedder_time_text_embed_timestep_embedder_linear_([12])$", r"txt_in_t_embedder_LAYER\1"),
+        (r"^context_embedder_time_text_embed_text_embedder_linear_([12])$", r"txt_in_c_embedder_LAYER\1"),
+        (r"^time_text_embed_timestep_embedder_linear_([12])$", r"time_in_LAYER\1"),
+        (r"^time_text_embed_guidance_embedder_linear_([12])$", r"guidance_in_LAYER\1"),
+        (r"^time_text_embed_text_embedder_linear_([12])$", r"vector_in_LAYER\1"),
+        (r"^norm_out_linear$", "final_layer_adaln_modulation_1", None, 0, True),
+        (r"^proj_out$", "final_layer_linear"),
+    ),
+    "lumina2": _rules(
+        *_qkv(_LUMINA + "attn_", r"\1_\2_attention_qkv"),
+        (_LUMINA + r"attn_to_out_0$", r"\1_\2_attention_out"),
+        (_LUMINA + r"feed_forward_linear_([123])$", r"\1_\2_feed_forward_w\3"),
+        (_LUMINA + r"norm1_linear$", r"\1_\2_adaln_modulation_1"),
+        (r"^time_caption_embed_timestep_embedder_linear_1$", "t_embedder_mlp_0"),
+        (r"^time_caption_embed_timestep_embedder_linear_2$", "t_embedder_mlp_2"),
+        (r"^time_caption_embed_caption_embedder_1$", "cap_embedder_1"),
+        (r"^norm_out_linear_1$", "final_layer_adaln_modulation_1"),
+        (r"^norm_out_linear_2$", "final_layer_linear"),
+    ),
+    "flux2": _rules(
+        (r"^(double_stream_modulation_img|double_stream_modulation_txt|single_stream_modulation)_linear$", r"\1_lin"),
+        (r"^single_transformer_blocks_(\d+)_attn_to_qkv_mlp_proj$", r"single_blocks_\1_linear1"),
+        (r"^single_transformer_blocks_(\d+)_attn_to_out$", r"single_blocks_\1_linear2"),
+        (r"^time_guidance_embed_guidance_embedder_linear_([12])$", r"guidance_in_LAYER\1"),
+        (r"^time_guidance_embed_timestep_embedder_linear_([12])$", r"time_in_LAYER\1"),
+        (r"^transformer_blocks_(\d+)_ff_linear_in$", r"double_blocks_\1_img_mlp_0"),
+        (r"^transformer_blocks_(\d+)_ff_linear_out$", r"double_blocks_\1_img_mlp_2"),
+        (r"^transformer_blocks_(\d+)_ff_context_linear_in$", r"double_blocks_\1_txt_mlp_0"),
+        (r"^transformer_blocks_(\d+)_ff_context_linear_out$", r"double_blocks_\1_txt_mlp_2"),
+    ),
+    "chroma": _rules(
+        (r"^distilled_guidance_layer_layers_(\d+)_linear_1$", r"distilled_guidance_layer_layers_\1_in_layer"),
+        (r"^distilled_guidance_layer_layers_(\d+)_linear_2$", r"distilled_guidance_layer_layers_\1_out_layer"),
+    ),
 }
+# numbered diffusers linears -> the native names of two-layer MLPs
+_SPELLED = {"LIN1": "0", "LIN2": "2", "LAYER1": "in_layer", "LAYER2": "out_layer"}
+_SPELLED_RE = re.compile("|".join(_SPELLED))
 
 
-def native_candidates(path: str) -> list[str]:
+def native_candidates(path: str) -> list[Rename]:
     """Native spellings of a normalised diffusers module path (`blocks_0_attn1_to_q`, prefix
     removed, as `blocks.names.unet_path` gives), any family."""
     out = []
     for rules in RULES.values():
-        for pattern, replacement in rules:
+        for pattern, replacement, layout, index, swap in rules:
             native, hits = pattern.subn(replacement, path)
             if hits:
-                out.append(native)
+                native = _SPELLED_RE.sub(lambda m: _SPELLED[m.group(0)], native)
+                out.append(Rename(native.lower(), layout, index, swap))
     return out
+
+
+def piece_offset(layout: str, index: int, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
+    """(dim, start, length) of piece `index` of a fused weight of `shape`, or None if it does not
+    divide that way. q is as wide as the input (hidden = heads x head width); k and v share the
+    rest of the qkv rows equally (fewer key/value heads allowed); the mlp rows follow q, k, v."""
+    rows, cols = shape[0], shape[1]
+    if layout == "qkv":
+        kv, odd = divmod(rows - cols, 2)
+        sizes = [cols, kv, kv] if kv > 0 and not odd else None
+    elif layout == "qkv_mlp":
+        sizes = [cols, cols, cols, rows - 3 * cols] if rows > 3 * cols else None
+    else:
+        raise ValueError(f"unknown fused layout {layout!r}")
+    if sizes is None:
+        return None
+    return 0, sum(sizes[:index]), sizes[index]
+
+
+def swap_halves(change: torch.Tensor) -> torch.Tensor:
+    """The change with its two output halves exchanged ((scale, shift) -> (shift, scale))."""
+    first, second = change.chunk(2, dim=0)
+    return torch.cat((second, first), dim=0)

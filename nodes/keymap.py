@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import comfy.lora
+import comfy.utils
 
 from ..lycoris_core.blocks.names import is_text_encoder, unet_path
-from ..lycoris_core.native_names import native_candidates
+from ..lycoris_core.native_names import native_candidates, piece_offset, swap_halves
 
 MODEL = "model"
 CLIP = "clip"
@@ -87,6 +88,7 @@ class KeyMap:
         self.unet = comfy.lora.model_lora_keys_unet(model.model, {}) if model is not None else {}
         self.clip = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}) if clip is not None else {}
         self.has_model = model is not None
+        self._model_root = model.model if model is not None else None
         self.has_clip = clip is not None
         self._normalised = self._index(self.unet)
 
@@ -116,11 +118,34 @@ class KeyMap:
             return MODEL, self.unet[name]
         if self.has_model and not is_text_encoder(name.lower()):
             path = unet_path(name)
-            for candidate in (path, *native_candidates(path)):
-                value = self._normalised.get(candidate)
+            value = self._normalised.get(path)
+            if value is not None:
+                return MODEL, value
+            for rename in native_candidates(path):
+                value = self._native_value(rename)
                 if value is not None:
                     return MODEL, value
         return None
+
+    def _native_value(self, rename) -> Any:
+        """The host value for a native spelling: its piece of a fused weight, its transform."""
+        value = self._normalised.get(rename.path)
+        if value is None:
+            return None
+        key, offset, function = _split_value(value)
+        if rename.layout is not None:
+            if offset is not None:
+                return None
+            weight = comfy.utils.get_attr(self._model_root, key)
+            offset = piece_offset(rename.layout, rename.index, tuple(getattr(weight, "tensor_shape", None)
+                                                                      or weight.shape))
+            if offset is None:
+                return None
+        if rename.swap_halves:
+            if function is not None:
+                return None
+            function = swap_halves
+        return (key, offset, function) if function is not None else (key, offset) if offset else key
 
     def resolve(self, adapters: Mapping[str, Any]) -> Resolution:
         """Targets for every adapter of a file; names without a key are reported."""

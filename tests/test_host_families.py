@@ -164,50 +164,30 @@ def test_the_host_builds_and_detects_each_tiny_family(family):
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
-# families whose diffusers names no loader maps yet (ComfyUI core neither): strict, so a fix shows
-NOT_YET = {"hunyuan_video": "diffusers HunyuanVideo names (fused qkv of single blocks, token refiner) "
-                            "are not mapped yet; core does not map them either"}
-PEFT_FAMILIES = [pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=NOT_YET[f])) if f in NOT_YET else f
-                 for f in dit.FAMILY_NAMES]
-
-
-@pytest.mark.parametrize("family", PEFT_FAMILIES)
+@pytest.mark.parametrize("family", dit.FAMILY_NAMES)
 def test_peft_diffusers_files_merge_exactly(family, tmp_path):
     """A LoRA on every Linear (and Conv) of the diffusers twin, saved by diffusers: each lands with
     PEFT's own delta at strengths 1, 0.5, 0 and -0.5, agreeing with core wherever core patches."""
     model = tiny(family)
     path = str(tmp_path / f"{family}_peft.safetensors")
-    twin = peft_files.peft_lora_file(family, path)
+    twin = peft_files.peft_lora_file(family, path, tiny(family))
     report = assert_peft_file_merges(model, twin, path)
     assert "merged" in report
 
 
-@pytest.mark.parametrize("family", PEFT_FAMILIES)
+@pytest.mark.parametrize("family", dit.FAMILY_NAMES)
 def test_peft_diffusers_files_bypass_like_merge(family, tmp_path):
     model = tiny(family)
     path = str(tmp_path / f"{family}_peft.safetensors")
-    peft_files.peft_lora_file(family, path)
+    peft_files.peft_lora_file(family, path, tiny(family))
     assert_bypass_equals_merge(model, path)
 
 
-# families where some diffusers modules still land nowhere (in core too); strict: a fix shows up
-UNMAPPED_YET = {
-    "hunyuan_video": NOT_YET["hunyuan_video"],
-    "lumina2": "diffusers Lumina 2 names (attn.to_q/k/v into fused qkv, feed_forward.linear_1/2/3) are not "
-               "mapped yet; core maps none of them",
-    "flux2": "most diffusers Flux.2 names (to_qkv_mlp_proj, ff.linear_in/out) are not mapped yet; core's "
-             "map has the same gaps",
-    "chroma": "diffusers Chroma's distilled_guidance_layer.layers.N.linear_1/2 are not mapped yet (core neither)",
-}
-
-
-@pytest.mark.parametrize("family", [
-    pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=UNMAPPED_YET[f])) if f in UNMAPPED_YET else f
-    for f in dit.FAMILY_NAMES])
+@pytest.mark.parametrize("family", dit.FAMILY_NAMES)
 def test_every_module_of_a_peft_file_lands(family, tmp_path):
     """No module of a PEFT LoRA on every Linear of the diffusers model is left out."""
     path = str(tmp_path / f"{family}_all.safetensors")
-    peft_files.peft_lora_file(family, path)
+    peft_files.peft_lora_file(family, path, tiny(family))
     _, unmatched = targets_of(tiny(family), path)
     assert not unmatched
 
@@ -226,7 +206,7 @@ def test_a_fused_slice_gets_exactly_pefts_change(family, tmp_path):
     module, key, (start, stop) = FUSED_SLICES[family]
     model = tiny(family)
     path = str(tmp_path / f"{family}_slice.safetensors")
-    twin = peft_files.peft_lora_file(family, path)
+    twin = peft_files.peft_lora_file(family, path, tiny(family))
     delta = peft_files.peft_delta(twin, module)
     key = key if key in {"diffusion_model." + k for k in model.model.diffusion_model.state_dict()} else \
         pytest.fail(f"{key} is not a weight of the tiny {family}")
@@ -332,7 +312,7 @@ def test_block_weights_act_per_block_on_dits(family, tmp_path):
 
     model = tiny(family)
     path = str(tmp_path / f"{family}_blocks.safetensors")
-    peft_files.peft_lora_file(family, path)
+    peft_files.peft_lora_file(family, path, tiny(family))
     off = sorted(expected_blocks(family))[0]
     adapters = pack_module("nodes.host_compat").read_adapters(path)
     base = merged_weights(model)

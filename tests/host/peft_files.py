@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import pytest
 import torch
@@ -27,6 +28,8 @@ class DiffusersFamily:
     layers_arg: str = "transformer_lora_layers"
     # modules whose widths differ between the two implementations at tiny sizes only (left out)
     tiny_only_mismatch: tuple = ()
+    # settings read off the host model's weights, where hosts size a layer differently
+    from_host: Callable[[dict], dict] | None = None
 
 
 _ROPE = (16, 24, 24)
@@ -58,9 +61,10 @@ DIFFUSERS = {
         "num_attention_heads": 2, "joint_attention_dim": 64, "axes_dims_rope": _ROPE}, "QwenImagePipeline"),
     "lumina2": DiffusersFamily("Lumina2Transformer2DModel", {
         "sample_size": 16, "patch_size": 2, "in_channels": 16, "hidden_size": 128, "num_layers": 2,
-        "num_refiner_layers": 1, "num_attention_heads": 2, "num_kv_heads": 1, "multiple_of": 16,
-        "ffn_dim_multiplier": 4.0, "axes_dim_rope": _ROPE, "axes_lens": (64, 64, 64), "cap_feat_dim": 64},
-        "Lumina2Pipeline"),
+        "num_refiner_layers": 1, "num_attention_heads": 2, "num_kv_heads": 1, "multiple_of": 16, "axes_dim_rope": _ROPE, "axes_lens": (64, 64, 64), "cap_feat_dim": 64},
+        # hosts round the MLP width differently at tiny sizes: match the host model's
+        "Lumina2Pipeline", from_host=lambda sd: {"ffn_dim_multiplier": sd["layers.0.feed_forward.w1.weight"].shape[0]
+                                                 / (4 * sd["layers.0.feed_forward.w1.weight"].shape[1])}),
     "z_image": DiffusersFamily("ZImageTransformer2DModel", {
         "all_patch_size": (2,), "all_f_patch_size": (1,), "in_channels": 16, "dim": 256, "n_layers": 2,
         "n_refiner_layers": 1, "n_heads": 4, "n_kv_heads": 4, "qk_norm": True, "cap_feat_dim": 64,
@@ -83,7 +87,7 @@ DIFFUSERS = {
 }
 
 
-def diffusers_model(family: str, seed: int = 0) -> torch.nn.Module:
+def diffusers_model(family: str, seed: int = 0, host_weights: dict | None = None) -> torch.nn.Module:
     """The diffusers twin of a tiny host family, random weights (skips when diffusers lacks it)."""
     diffusers = pytest.importorskip("diffusers")
     spec = DIFFUSERS[family]
@@ -91,8 +95,11 @@ def diffusers_model(family: str, seed: int = 0) -> torch.nn.Module:
     if cls is None:
         pytest.skip(f"diffusers {diffusers.__version__} has no {spec.model}")
     known = inspect.signature(cls.__init__).parameters
+    config = dict(spec.config)
+    if spec.from_host is not None and host_weights is not None:
+        config.update(spec.from_host(host_weights))
     torch.manual_seed(seed)
-    return cls(**{k: v for k, v in spec.config.items() if k in known}).eval()
+    return cls(**{k: v for k, v in config.items() if k in known}).eval()
 
 
 def _lora_targets(model: torch.nn.Module, left_out: tuple) -> list[str]:
@@ -101,12 +108,14 @@ def _lora_targets(model: torch.nn.Module, left_out: tuple) -> list[str]:
             if name and isinstance(module, kinds) and not name.startswith(left_out)]
 
 
-def peft_lora_file(family: str, path: str, rank: int = 4, alpha: float = 4.0, seed: int = 0,
+def peft_lora_file(family: str, path: str, host_model=None, rank: int = 4, alpha: float = 4.0, seed: int = 0,
                    dora: bool = False):
-    """Write a LoRA file for `family` with PEFT + diffusers; returns the PEFT-wrapped model."""
+    """Write a LoRA file for `family` with PEFT + diffusers, fitted to `host_model` (a ModelPatcher)
+    where hosts differ; returns the PEFT-wrapped model."""
     peft = pytest.importorskip("peft")
     diffusers = pytest.importorskip("diffusers")
-    model = diffusers_model(family, seed)
+    host_weights = host_model.model.diffusion_model.state_dict() if host_model is not None else None
+    model = diffusers_model(family, seed, host_weights)
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=_lora_targets(model, DIFFUSERS[family].tiny_only_mismatch),
                              init_lora_weights=False, use_dora=dora)
     model.add_adapter(config)
