@@ -324,3 +324,67 @@ def test_block_weights_act_per_block_on_dits(family, tmp_path):
     assert changed and not (changed & in_block), report
     full = merged_weights(ours(model, path, 1.0, "merge")[0])
     assert changed_keys(base, full) and set(changed_keys(base, full)) & in_block
+
+
+LYCORIS_NETWORK_ALGOS = ("lora", "loha", "lokr")
+
+
+@pytest.fixture
+def lycoris_preset():
+    """lycoris-lora's network targets set the way kohya's LyCORIS wrapper names DiT modules
+    (`lora_unet_` + the model's own path), restored afterwards (the preset is class state)."""
+    from lycoris import LycorisNetwork
+
+    saved = {"target_module": LycorisNetwork.TARGET_REPLACE_MODULE, "target_name": LycorisNetwork.TARGET_REPLACE_NAME,
+             "lora_prefix": LycorisNetwork.LORA_PREFIX}
+    LycorisNetwork.apply_preset({"target_module": ["Linear"], "target_name": [], "lora_prefix": "lora_unet"})
+    yield
+    LycorisNetwork.apply_preset(saved)
+
+
+# LoRA on every family; the other network algorithms on one family of each layout
+NETWORK_CASES = [(f, "lora") for f in dit.FAMILY_NAMES] + [
+    (f, a) for f in ("flux", "sd3", "wan21") for a in LYCORIS_NETWORK_ALGOS if a != "lora"]
+
+
+@pytest.mark.parametrize(("family", "algo"), NETWORK_CASES)
+def test_lycoris_network_files_on_native_names_merge_like_lycoris(family, algo, tmp_path, lycoris_preset):
+    """A LyCORIS network over every Linear of the host's own model, saved by lycoris-lora with
+    kohya's `lora_unet_<path>` names (`lora_unet_double_blocks_0_img_attn_qkv` on Flux): our merge
+    equals lycoris-lora's own `merge_to` over the whole model at strengths 1 and -0.5, our bypass
+    equals our merge, and every layer core's loader patches ends up the same as core's."""
+    import copy
+
+    from lycoris import create_lycoris
+    from oracle import randomize
+
+    model = tiny(family)
+    base = merged_weights(model)
+    assert all(torch.isfinite(v).all() for v in base.values())
+    unload_all()
+    path = str(tmp_path / f"{family}_{algo}.safetensors")
+    reference = copy.deepcopy(model.model.diffusion_model).float()
+    network = create_lycoris(reference, 1.0, linear_dim=4, linear_alpha=4, algo=algo)
+    network.apply_to()  # registers the modules (their weights) with the network
+    randomize(network, scale=0.05, seed=11)
+    assert network.state_dict(), "lycoris-lora made no module"
+    network.save_weights(path, torch.float32, None)
+    tensors = read_safetensors(path)
+    for strength in (1.0, -0.5):
+        network.merge_to(strength)
+        expected = {k: v.detach().float().clone() for k, v in reference.state_dict().items()}
+        network.merge_to(-strength)  # additive algorithms: back to the base weights
+        got_model, _, report = ours(model, path, strength, "merge")
+        assert "UNMATCHED" not in report, report
+        got = merged_weights(got_model)
+        unload_all()
+        touched = changed_keys(base, expected)
+        assert touched and changed_keys(base, got) == touched, report
+        worst = max(rel_err(got[k] - base[k], expected[k] - base[k]) for k in touched)
+        assert worst < 1e-4, f"{strength}: {worst:.2e} off lycoris-lora's merge\n{report}"
+        core_model, _ = core(model, tensors, strength)
+        by_core = merged_weights(core_model)
+        unload_all()
+        for k in changed_keys(base, by_core):
+            assert rel_err(got[k], by_core[k]) < FP32_TOL, f"{k}: not core's merge"
+    assert_bypass_equals_merge(model, path)

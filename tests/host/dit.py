@@ -140,7 +140,12 @@ def state_dict(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
     cls = fam.host_class()
     config = fam.host_config()
     model = cls(**config, operations=_operations())
-    _fill_(model, torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    _fill_(model, generator)
+    with torch.no_grad():  # buffers some classes leave uninitialised (SD3's pos_embed)
+        for buffer in model.buffers():
+            if buffer.is_floating_point() and not bool(torch.isfinite(buffer).all()):
+                buffer.copy_(0.02 * torch.randn(buffer.shape, generator=generator))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
