@@ -48,39 +48,56 @@ class AdapterFile(Mapping[str, Adapter]):
 
 
 class PeftConfig:
-    """The alpha part of a diffusers `lora_adapter_metadata` peft config (files have no alpha keys)."""
+    """The alpha part of a diffusers `lora_adapter_metadata` peft config (files have no alpha keys).
 
-    def __init__(self, alpha: float, patterns: dict[str, float], rslora: bool):
-        self.alpha, self.patterns, self.rslora = alpha, patterns, rslora
+    diffusers stores one LoraConfig per model part with the part's name in front of every field
+    (`transformer.lora_alpha`, `unet.lora_alpha`, `text_encoder.lora_alpha`); older files store one
+    config unprefixed. Each module takes the config of the part its name starts with.
+    """
+
+    def __init__(self, parts: dict[str, tuple[float, dict[str, float], bool]]):
+        self.parts = parts  # part prefix ("" for unprefixed) -> (alpha, alpha_pattern, use_rslora)
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, str]) -> "PeftConfig | None":
-        """Parse `lora_adapter_metadata`; None when absent or without `lora_alpha`."""
+        """Parse `lora_adapter_metadata`; None when absent or without a `lora_alpha`."""
         raw = metadata.get("lora_adapter_metadata")
         if not raw:
             return None
         try:
             cfg = parse_json(raw)
-            alpha = float(cfg["lora_alpha"])
-            patterns = {str(k): float(v) for k, v in (cfg.get("alpha_pattern") or {}).items()
-                        if _safe_pattern(str(k))}
+            grouped: dict[str, dict] = {}
+            for key, value in cfg.items():
+                part, _, field = str(key).rpartition(".")
+                grouped.setdefault(part, {})[field] = value
+            parts = {part: cls._part(fields) for part, fields in grouped.items() if "lora_alpha" in fields}
         except (ValueError, TypeError, KeyError, AttributeError):
             return None
-        if not all(map(math.isfinite, [alpha, *patterns.values()])):
+        if not parts or not all(math.isfinite(v) for alpha, patterns, _ in parts.values()
+                                for v in (alpha, *patterns.values())):
             return None
-        return cls(alpha, patterns, bool(cfg.get("use_rslora")))
+        return cls(parts)
+
+    @staticmethod
+    def _part(fields: Mapping) -> tuple[float, dict[str, float], bool]:
+        patterns = {str(k): float(v) for k, v in (fields.get("alpha_pattern") or {}).items() if _safe_pattern(str(k))}
+        return float(fields["lora_alpha"]), patterns, bool(fields.get("use_rslora"))
 
     def alpha_for(self, name: str, rank: int | None) -> float:
         """The alpha to store so that alpha/rank is peft's scale for module `name`."""
-        alpha = self.alpha
-        for pattern, value in self.patterns.items():
+        part = max((p for p in self.parts if not p or name.startswith(p + ".")), key=len, default=None)
+        if part is None:
+            return math.nan
+        alpha, patterns, rslora = self.parts[part]
+        local = name[len(part) + 1:] if part else name
+        for pattern, value in patterns.items():
             try:
-                if re.fullmatch(rf"(?:.*\.)?{pattern}", name):
+                if re.fullmatch(rf"(?:.*\.)?{pattern}", local):
                     alpha = value
                     break
             except re.error:
                 continue
-        if self.rslora and rank:
+        if rslora and rank:
             return alpha * math.sqrt(rank)  # peft scales by alpha/sqrt(r)
         return alpha
 

@@ -109,9 +109,10 @@ def _lora_targets(model: torch.nn.Module, left_out: tuple) -> list[str]:
 
 
 def peft_lora_file(family: str, path: str, host_model=None, rank: int = 4, alpha: float = 4.0, seed: int = 0,
-                   dora: bool = False):
+                   dora: bool = False, with_config: bool = False):
     """Write a LoRA file for `family` with PEFT + diffusers, fitted to `host_model` (a ModelPatcher)
-    where hosts differ; returns the PEFT-wrapped model."""
+    where hosts differ; `with_config` stores PEFT's LoraConfig in the file's metadata as diffusers'
+    training scripts do (the only place a diffusers file keeps lora_alpha). Returns the PEFT model."""
     peft = pytest.importorskip("peft")
     diffusers = pytest.importorskip("diffusers")
     host_weights = host_model.model.diffusion_model.state_dict() if host_model is not None else None
@@ -130,7 +131,11 @@ def peft_lora_file(family: str, path: str, host_model=None, rank: int = 4, alpha
     spec = DIFFUSERS[family]
     pipeline = getattr(diffusers, spec.pipeline)
     folder, name = os.path.split(path)
-    pipeline.save_lora_weights(folder, **{spec.layers_arg: layers}, weight_name=name, safe_serialization=True)
+    extra = {}
+    if with_config:
+        extra[spec.layers_arg.replace("_layers", "_adapter_metadata")] = model.peft_config["default"].to_dict()
+    pipeline.save_lora_weights(folder, **{spec.layers_arg: layers}, weight_name=name, safe_serialization=True,
+                               **extra)
     return model
 
 
