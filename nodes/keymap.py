@@ -9,6 +9,7 @@ natively (Wan) are tried in their native spelling (`lycoris_core.native_names`).
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -21,6 +22,8 @@ from ..lycoris_core.native_names import native_candidates, piece_offset, swap_ha
 
 MODEL = "model"
 CLIP = "clip"
+# kohya names of a CLIPTextModel saved by transformers 5, which has no `text_model` level
+_KOHYA_TE_WITHOUT_TEXT_MODEL = re.compile(r"^(lora_te\d*_)(?:encoder|embeddings|final_layer_norm)_")
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,8 @@ class KeyMap:
         self._model_root = model.model if model is not None else None
         self.has_clip = clip is not None
         self._normalised = self._index(self.unet)
+        self._clip_keys = set(clip.cond_stage_model.state_dict()) if clip is not None else set()
+        self._te_roots = self._text_encoder_roots(self.clip)
 
     @staticmethod
     def _index(key_map: Mapping[str, Any]) -> dict[str, Any]:
@@ -109,11 +114,44 @@ class KeyMap:
             index.pop(path)
         return index
 
+    @staticmethod
+    def _text_encoder_roots(key_map: Mapping[str, Any]) -> dict[str, str]:
+        """diffusers part -> host prefix (`text_encoder_2.` -> `clip_g.transformer.`), read off
+        the host's own diffusers entries, so each model family's assignment is the host's."""
+        roots: dict[str, str] = {}
+        for name, value in key_map.items():
+            part, _, rest = name.partition(".")
+            key = value if isinstance(value, str) else None
+            if part.startswith("text_encoder") and rest and key and key.endswith(f".{rest}.weight"):
+                roots.setdefault(part + ".", key[: -len(f"{rest}.weight")])
+        return roots
+
+    def _text_encoder_key(self, name: str) -> str | None:
+        """A text-encoder name the host map lacks: transformers 5 saves CLIPTextModel without its
+        `text_model.` level (diffusers and kohya names alike), and the diffusers encoders'
+        `text_projection` is in no host map."""
+        kohya = _KOHYA_TE_WITHOUT_TEXT_MODEL.match(name)
+        if kohya is not None:
+            value = self.clip.get(f"{kohya.group(1)}text_model_{name[kohya.end(1):]}")
+            return value if isinstance(value, str) else None
+        part, _, rest = name.partition(".")
+        prefix = self._te_roots.get(part + ".")
+        if prefix is None or not rest:
+            return None
+        for path in (rest, "text_model." + rest):
+            if prefix + path + ".weight" in self._clip_keys:
+                return prefix + path + ".weight"
+        return None
+
     def lookup(self, name: str) -> tuple[str, Any] | None:
         """(part, host value) for a file module name, or None."""
         # the host merges its maps with CLIP entries last, so they win on a clash
         if name in self.clip:
             return CLIP, self.clip[name]
+        if self.has_clip:
+            key = self._text_encoder_key(name)
+            if key is not None:
+                return CLIP, key
         if name in self.unet:
             return MODEL, self.unet[name]
         if self.has_model and not is_text_encoder(name.lower()):
