@@ -12,7 +12,7 @@ import torch
 
 from ..lycoris_core import LycorisError, LycorisOverflowError, LycorisShapeError
 from .bypass import add_bypass, bypass_unsupported, quantised_reason
-from .host_compat import stored_float_dtype
+from .host_compat import dequantiser, stored_float_dtype
 from .keymap import CLIP, MODEL, KeyMap, Target
 from .merge_patch import add_merge_patches
 from .report import build_report, grouped, part_line
@@ -121,7 +121,8 @@ def _plan(resolution, roots: dict, strengths: dict, mode: str, block_weights):
             continue
         method, reason = _method(mode, target, roots[target.part])
         try:
-            target.adapter.check_range(_range_dtype(roots[target.part], target.key, method), strength)
+            target.adapter.check_range(_range_dtype(roots[target.part], target.key, method), strength,
+                                       _range_weight(target, roots[target.part], weight))
         except LycorisOverflowError as exc:
             overflows.append(f"{target.name}: {exc.reason}")
             continue
@@ -138,6 +139,21 @@ def _range_dtype(root, key: str, method: str) -> torch.dtype:
     the dtype the model computes in; else fp32 (merges into other storage are computed in fp32)."""
     compute = getattr(root, "manual_cast_dtype", None) if method == "bypass" else None
     return stored_float_dtype(root, key) or compute or torch.float32
+
+
+def _range_weight(target: Target, root, weight: torch.Tensor) -> torch.Tensor | None:
+    """The weight a module's change is computed from, when it depends on it (else None): as the
+    layer computes with it (dequantised from other storage), sliced like the target."""
+    if not target.adapter.depends_on_weight:
+        return None
+    if quantised_reason(root, target.key):
+        if not target.key.endswith(".weight"):
+            return None  # the host dequantises layer weights only: such a module is not checked
+        with torch.no_grad():  # weights loaded in inference mode refuse autograd-tracked casts
+            weight = dequantiser(comfy.utils.get_attr(root, target.module_path))(weight.device)
+    if target.offset is not None:
+        weight = weight.narrow(*target.offset)
+    return weight
 
 
 def _listed(errors: list[str]) -> str:

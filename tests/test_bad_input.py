@@ -654,15 +654,138 @@ def test_range_check_confirms_a_loose_bound_before_refusing(tmp_path):
     adapter.check_range(torch.float16)
 
 
-@pytest.mark.parametrize("algo", sorted(a for a, cls in REGISTRY.items() if hasattr(cls, "create")))
-def test_range_check_passes_every_trained_adapter(tmp_path, algo):
-    layer = torch.nn.LayerNorm(64) if algo == "norm" else torch.nn.Linear(64, 64)
-    try:
-        created = REGISTRY[algo].create(LayerSpec.from_module(layer))
-    except (LycorisError, NotImplementedError) as exc:
-        pytest.skip(f"{algo} cannot be created: {exc}")
-    _, adapter = _saved(tmp_path, _randomized(created), A)
-    adapter.check_range(torch.float16)
+LAYERS = {"linear": lambda: torch.nn.Linear(64, 64), "norm": lambda: torch.nn.LayerNorm(64),
+          "conv": lambda: torch.nn.Conv2d(16, 32, 3)}
+# case -> (algorithm, layer kind, create() keywords): every registered algorithm by its own name,
+# then the options that change the bound (DoRA, rescale, input side, Tucker, conv)
+RANGE_CASES = {algo: (algo, "norm" if algo == "norm" else "linear", {}) for algo in REGISTRY} | {
+    "lora-dora-out": ("lora", "linear", {"dora": "out"}),
+    "lora-dora-in": ("lora", "linear", {"dora": "in"}),
+    "loha-dora-out": ("loha", "linear", {"dora": "out"}),
+    "lokr-dora-in": ("lokr", "linear", {"dora": "in"}),
+    "lora-tucker-conv": ("lora", "conv", {"use_tucker": True}),
+    "glora-conv": ("glora", "conv", {}),
+    "ia3-on-input": ("ia3", "linear", {"on_input": True}),
+    "diag-oft-rescaled": ("diag-oft", "linear", {"rescaled": True}),
+    "diag-oft-rescaled-conv": ("diag-oft", "conv", {"rescaled": True}),
+    "boft-rescaled": ("boft", "linear", {"rescaled": True}),
+    "full-set-weight": ("full", "linear", {}),
+}
+# layouts with no create(): file tensors (suffix -> tensor) from the weight shape, a generator, a std
+READ_ONLY_CASES = {
+    "diag-oft-legacy": lambda shape, g, std: {"oft_diag": torch.randn(8, 8, 8, generator=g) * std},
+    "full-set-weight": lambda shape, g, std: {"set_weight": torch.randn(shape, generator=g) * std},
+}
+MAGNITUDES = {"dora_scale", "rescale"}  # per-channel sizes, drawn apart from the factors
+# (seed, factor std, magnitude std): small to large factors, then near-identity rotations with
+# large rescales, then magnitudes near 0 (DoRA's W' near 0, a change near -W)
+BOUND_TRIALS = ((1, 0.1, None), (2, 1.0, None), (3, 3.0, None), (4, 1e-3, 3.0), (5, 0.1, 1e-3))
+# a rotation keeps the size of W: only a rescale can overflow
+CANNOT_OVERFLOW = {"diag-oft", "boft"}
+
+
+def _range_case(tmp_path, case: str, seed: int = 5, std: float = 0.1,
+                magnitude_std: float | None = None):
+    """(path, adapter read back from its file, the layer's weight) for a RANGE_CASES entry with
+    every factor drawn from N(0, std), a DoRA magnitude or OFT rescale from N(0, magnitude_std
+    or std)."""
+    algo, kind, options = RANGE_CASES[case]
+    torch.manual_seed(seed)
+    layer = LAYERS[kind]()
+    g = torch.Generator().manual_seed(seed)
+    path = tmp_path / f"{case}-{seed}.safetensors"
+    if case in READ_ONLY_CASES:
+        tensors = READ_ONLY_CASES[case](tuple(layer.weight.shape), g, std)
+        write_safetensors({f"{A}.{k}": v for k, v in tensors.items()}, path)
+    else:
+        created = REGISTRY[algo].create(LayerSpec.from_module(layer), **options)
+        with torch.no_grad():
+            for name, p in created.named_parameters():
+                scale = magnitude_std if name in MAGNITUDES and magnitude_std else std
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+        save_file({A: created}, path)
+    with warnings.catch_warnings():  # the legacy layout's reading warning is tested elsewhere
+        warnings.simplefilter("ignore", LycorisWarning)
+        adapter = load_file(path, strict=True)[A]
+    assert adapter.algo == algo
+    return str(path), adapter, layer.weight.detach()
+
+
+def _abs_max(t: torch.Tensor) -> float:
+    return float(t.abs().max())
+
+
+@pytest.mark.parametrize("case", sorted(RANGE_CASES))
+def test_range_check_passes_every_trained_adapter(tmp_path, case):
+    """A trained-scale module of every algorithm has a bound, and the bound alone passes it on an
+    fp16 layer: no dense product in the common case."""
+    _, adapter, weight = _range_case(tmp_path, case)
+    weight = weight.half()
+    bound = adapter.delta_bound(_abs_max(weight))
+    assert bound is not None, f"{case}: no bound, so bypass never range-checks it"
+    assert bound <= torch.finfo(torch.float16).max
+    if not adapter.depends_on_weight:
+        assert adapter.delta_bound() is not None
+    adapter.check_range(torch.float16, weight=weight)
+
+
+@pytest.mark.parametrize("case", sorted(RANGE_CASES))
+def test_delta_bound_is_above_the_true_change(tmp_path, case):
+    """The bound is a true upper bound of max |W(1) - W|, checked against the dense merge for
+    random factors (BOUND_TRIALS); tight enough to fail when a bound misses a term."""
+    for seed, std, magnitude_std in BOUND_TRIALS:
+        _, adapter, weight = _range_case(tmp_path, case, seed, std, magnitude_std)
+        change = _abs_max(adapter.merge(weight) - weight)
+        bound = adapter.delta_bound(_abs_max(weight))
+        rounding = torch.finfo(torch.float32).eps * (_abs_max(weight) + bound)  # of (W + D) - W
+        assert change <= (bound + rounding) * (1 + 1e-5), \
+            f"{case} std {std}: change {change:g} > bound {bound:g}"
+
+
+@pytest.mark.parametrize("case", sorted(set(RANGE_CASES) - CANNOT_OVERFLOW))
+def test_finite_factors_overflowing_half_are_refused_by_the_range_check(tmp_path, case):
+    """Factors ~1e6 (finite in every file dtype but fp16; with DoRA the magnitude) make a change
+    beyond fp16 for every algorithm: the range check refuses it naming file and module and leaves
+    the weight alone."""
+    dora = "dora" in case  # large factors only change the direction that DoRA normalises away
+    path, adapter, weight = _range_case(tmp_path, case, std=0.1 if dora else 1e6, magnitude_std=1e6)
+    weight = weight.half()
+    before = weight.clone()
+    full = weight.float()
+    change = adapter.merge(full) - full
+    assert torch.isfinite(change).all() and _abs_max(change) > torch.finfo(torch.float16).max
+    with pytest.raises(LycorisOverflowError) as e:
+        adapter.check_range(torch.float16, weight=weight)
+    assert_names(e.value, path, A, "at strength 1", "beyond the range of float16", "refused")
+    assert torch.equal(weight, before)
+    adapter.check_range(torch.float32, weight=full)
+    adapter.check_range(torch.float16, 0.0, weight=weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_weight_dependent_change_beyond_float32_is_refused(tmp_path, dtype):
+    """(IA)^3 scales W: a finite scale times the layer's weight can leave float32 altogether."""
+    tensors = {f"{A}.weight": torch.full((8,), 1e37), f"{A}.on_input": torch.tensor(0)}
+    path = write(tmp_path, tensors)
+    adapter = load_file(path, strict=True)[A]
+    weight = torch.full((8, 6), 100.0, dtype=dtype)
+    with pytest.raises(LycorisOverflowError) as e:
+        adapter.check_range(dtype, weight=weight)
+    assert_names(e.value, path, A, "strength 1", "NaN or Inf")
+    adapter.check_range(dtype, weight=weight / 1e3)
+
+
+def test_range_check_confirms_a_loose_weight_dependent_bound_with_the_layers_weight(tmp_path):
+    """GLoRA factors whose product A1 A2 cancels: the bound from max |W| exceeds fp16, the change
+    (B1 B2 only) is small, so the dense check with the real weight passes it."""
+    tensors = {f"{A}.a1.weight": torch.full((6, 2), 300.0),
+               f"{A}.a2.weight": torch.tensor([[300.0], [-300.0]]).repeat(1, 6),
+               f"{A}.b1.weight": torch.full((8, 2), 0.1), f"{A}.b2.weight": torch.full((2, 6), 0.1),
+               f"{A}.alpha": torch.tensor(2.0)}
+    adapter = load_file(write(tmp_path, tensors), strict=True)[A]
+    weight = torch.randn(8, 6).half()
+    assert adapter.delta_bound(_abs_max(weight)) > torch.finfo(torch.float16).max
+    adapter.check_range(torch.float16, weight=weight)
 
 
 # ----- metadata ---------------------------------------------------------------------------------
@@ -714,3 +837,21 @@ def test_catastrophic_peft_alpha_pattern_is_not_matched(tmp_path):
     path = write(tmp_path, tensors, metadata={"lora_adapter_metadata": config})
     af = returns_within(10, load_file, path)
     assert af[name].alpha == 4.0
+
+
+@pytest.mark.parametrize("mode", ["merge", "bypass"])
+def test_dora_whose_norm_overflows_float32_is_refused_not_zeroed(mode):
+    """Finite LoRA factors whose W + dW has row norms beyond float32: DoRA's rescale would divide
+    by infinity and zero the weight silently; it is refused naming the module."""
+    layer = torch.nn.Linear(8, 6)
+    tensors = {"lora_down.weight": torch.full((2, 8), 1e10), "lora_up.weight": torch.full((6, 2), 1e10),
+               "alpha": torch.tensor(2.0), "dora_scale": torch.ones(6, 1)}
+    adapter = load_file({f"{A}.{k}": v for k, v in tensors.items()}, strict=True)[A]
+    x = torch.randn(3, 8)
+    with pytest.raises(LycorisOverflowError) as e:
+        if mode == "merge":
+            adapter.merge(layer.weight.detach(), 1.0)
+        else:
+            with torch.no_grad():
+                adapter.bypass(x, layer.forward, 1.0, LayerSpec.from_module(layer))
+    assert A in str(e.value)

@@ -132,3 +132,42 @@ def test_module_named_only_dots_is_reported_as_matching_no_layer(sd15, loras_dir
     assert "module name '.'" in report and "matches no layer" in report, report
     assert "1 merged" in report
     unload_all()
+
+
+def _weight_dependent(algo: str, name: str, shape) -> dict[str, torch.Tensor]:
+    """Finite fp32 factors whose change, computed from the layer's weight, is ~1e8 times it: GLoRA
+    with A1 A2 = 1e8 (every entry), or Diag-OFT with no rotation and a rescale of 1e8."""
+    out_dim, in_dim = shape
+    if algo == "glora":
+        return {f"{name}.a1.weight": torch.full((in_dim, 1), 1e4),
+                f"{name}.a2.weight": torch.full((1, in_dim), 1e4),
+                f"{name}.b1.weight": torch.zeros(out_dim, 1), f"{name}.b2.weight": torch.zeros(1, in_dim),
+                f"{name}.alpha": torch.tensor(1.0)}
+    return {f"{name}.oft_blocks": torch.zeros(out_dim // 8, 8, 8),
+            f"{name}.rescale": torch.full((out_dim,), 1e8), f"{name}.alpha": torch.tensor(0.0)}
+
+
+@pytest.mark.parametrize("algo", ["glora", "diag-oft"])
+def test_bypass_of_a_weight_dependent_change_beyond_fp16_is_refused_before_any_patch(
+        sd15, loras_dir, algo):
+    """GLoRA and OFT changes depend on the layer's weight: the node bounds them with its max |W|,
+    so on the fp16 CLIP a bypass whose output would leave fp16 is refused, naming the module,
+    and nothing is patched."""
+    from lycoris_core import LycorisOverflowError
+
+    model, clip, _ = sd15
+    clip_root = clip.patcher.model
+    assert weights(clip_root, [CLIP_KEY])[CLIP_KEY].dtype == torch.float16
+    good = "lora_unet_down_blocks_0_attentions_0_proj_out"
+    good_key = "diffusion_model.input_blocks.1.1.proj_out.weight"
+    tensors = (_weight_dependent(algo, CLIP, _shape(clip_root, CLIP_KEY))
+               | _lora(good, _shape(model.model, good_key)))
+    path = os.path.join(loras_dir, f"{algo}-overflow.safetensors")
+    save_file(tensors, path)
+    with pytest.raises(LycorisOverflowError) as err:
+        _node().load(model, clip, f"{algo}-overflow.safetensors", 1.0, 1.0, "bypass")
+    text = str(err.value)
+    assert f"{algo}-overflow.safetensors" in text and "nothing was applied" in text
+    assert CLIP in text and "beyond the range of float16" in text and good not in text
+    assert not model.patches and not model.injections and not clip.patcher.patches
+    assert not clip.patcher.injections

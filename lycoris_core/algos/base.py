@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import LycorisError, LycorisOverflowError, LycorisShapeError
 from ..layer import LayerSpec
+from .ops import abs_max
 
 FP32 = torch.float32
 CHUNK_ELEMENTS = 1 << 19  # rows are merged in ~2 MB fp32 chunks: cache friendly, no full fp32 copy
@@ -211,12 +212,20 @@ class Adapter(nn.Module):
         mag = self.dora_scale.to(weight.device, FP32)
         if self.dora_axis == "out":
             mag = mag.reshape(-1)[rows] if rows is not None else mag.reshape(-1)
-            norm = merged.reshape(merged.shape[0], -1).norm(dim=1) + DORA_EPS
+            norm = self._dora_norm(merged.reshape(merged.shape[0], -1)) + DORA_EPS
             factor = (mag / norm).reshape((-1,) + (1,) * (weight.ndim - 1))
         else:
-            norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1) + DORA_EPS
+            norm = self._dora_norm(merged.transpose(0, 1).reshape(merged.shape[1], -1)) + DORA_EPS
             factor = (mag.reshape(-1) / norm).reshape((1, -1) + (1,) * (weight.ndim - 2))
         return merged * factor - weight
+
+    @staticmethod
+    def _dora_norm(rows: torch.Tensor) -> torch.Tensor:
+        """Row norms of `W + dW` for DoRA, NaN where not finite: an infinite norm (squares beyond
+        fp32) would scale the weight silently to zero; NaN reaches the merge's overflow check
+        instead, with no extra device sync."""
+        norm = rows.norm(dim=1)
+        return torch.where(torch.isfinite(norm), norm, torch.full_like(norm, math.nan))
 
     def merge(self, weight: torch.Tensor, strength: float = 1.0, *, inplace: bool = False,
               store_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -291,27 +300,51 @@ class Adapter(nn.Module):
                       "product overflows")
         raise LycorisOverflowError(f"{what} {reason}; module refused", file=self.file, key=self.name)
 
-    def delta_bound(self) -> float | None:
-        """An upper bound of max |W(1) - W| computed from the factors alone (cheap: no dense
-        product), or None when the change depends on W or no bound is known."""
-        return None
+    def delta_bound(self, weight_absmax: float | None = None) -> float | None:
+        """An upper bound of max |W(1) - W| from the factors (no dense product) and, where the
+        change depends on W, `weight_absmax` = max |W|; None when that is needed and not given."""
+        if self.dora_scale is None:
+            return self.diff_bound(weight_absmax)
+        if weight_absmax is None:
+            return None
+        # every entry of d * M / ||M|| is at most |d| along the DoRA axis, whatever M = W + dW is
+        return abs_max(self.dora_scale) + weight_absmax
 
-    def check_range(self, dtype: torch.dtype, strength: float = 1.0) -> None:
+    def diff_bound(self, weight_absmax: float | None) -> float | None:
+        """An upper bound of max |D(W)| without DoRA, as `delta_bound` describes it."""
+        raise NotImplementedError
+
+    def check_range(self, dtype: torch.dtype, strength: float = 1.0,
+                    weight: torch.Tensor | None = None) -> None:
         """Raise LycorisOverflowError when this module's change at `strength` cannot be held in
         `dtype` (the dtype a layer computes or stores in); call it before bypassing or merging.
 
-        Cheap for every file that fits: the bound of `delta_bound`; only a module whose bound
-        exceeds the range is built densely to confirm, so a loose bound never refuses a module.
+        `weight` is the layer's weight as it computes with it (any float dtype); it is read only
+        when the change depends on W (one min/max pass), and such a module is not checked
+        without it. Cheap for every file that fits: the bound of `delta_bound` and the bias
+        change; only a module whose bound exceeds the range is built densely to confirm, so a
+        loose bound never refuses a module.
         """
-        bound = self.delta_bound()
+        if strength == 0:
+            return
+        bias = self.merge_bias(None, strength)  # the bias change itself: a vector, checked exactly
+        if bias is not None:
+            self._check_fits([torch.aminmax(bias.detach().to(FP32))], (dtype,),
+                             f"bias change at strength {strength:g}")
+        reads_weight = self.depends_on_weight and weight is not None
+        bound = self.delta_bound(abs_max(weight) if reads_weight else None)
         if bound is None or abs(strength) * bound <= torch.finfo(dtype).max:
             return
-        shape = self.target_shape
-        if shape is None:
+        if reads_weight:
+            base = weight.detach().to(FP32)
+        elif self.target_shape is not None:
+            base = torch.zeros(self.target_shape, dtype=FP32, device=next(self.parameters()).device)
+        else:
             return
-        zero = torch.zeros(shape, dtype=FP32, device=next(self.parameters()).device)
         with torch.no_grad():
-            change = self.merge(zero, strength, inplace=True)  # raises itself beyond float32
+            change = self.merge(base, strength, inplace=not reads_weight)  # raises beyond float32
+            if reads_weight:
+                change.sub_(base)
         self._check_fits([torch.aminmax(change)], (dtype,), f"change at strength {strength:g}")
 
     def prepare_merge(self, p: dict, strength: float) -> None:
@@ -337,7 +370,7 @@ class Adapter(nn.Module):
         self.add_delta(w, rows, p, 1.0, merged)
         flat = merged.reshape(merged.shape[0], -1)
         mag = self.dora_scale.to(w.device, FP32).reshape(-1)[rows]
-        factor = (mag / (flat.norm(dim=1) + DORA_EPS)).reshape((-1,) + (1,) * (w.ndim - 1))
+        factor = (mag / (self._dora_norm(flat) + DORA_EPS)).reshape((-1,) + (1,) * (w.ndim - 1))
         if strength == 1:
             merged.mul_(factor)
             if merged is not dest:
@@ -406,12 +439,15 @@ class Adapter(nn.Module):
             p = self._prepared(device, FP32)
             merged = w + self.diff(w, None, p)
             if self.dora_axis == "out":
-                norm = merged.reshape(merged.shape[0], -1).norm(dim=1)
+                norm = self._dora_norm(merged.reshape(merged.shape[0], -1))
             else:
-                norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1)
+                norm = self._dora_norm(merged.transpose(0, 1).reshape(merged.shape[1], -1))
             factor = self.dora_scale.to(device, FP32).reshape(-1) / (norm + DORA_EPS)
             if self._trainable():
                 return factor
+            if not bool(torch.isfinite(factor).all()):  # once per cached weight
+                raise LycorisOverflowError("DoRA norm of W + dW is not finite (the update is too large "
+                                           "for float32); module refused", file=self.file, key=self.name)
             self._cache[key] = factor
         return self._cache[key]
 

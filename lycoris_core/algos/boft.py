@@ -22,7 +22,7 @@ from ..layer import LayerSpec
 from . import base
 from .base import FP32
 from .oft import OrthogonalAdapter, cayley
-from .ops import check_dim, require
+from .ops import abs_max, check_dim, require
 from .registry import register
 
 
@@ -152,6 +152,17 @@ class BOFT(OrthogonalAdapter):
         if scale is not None:
             p["rescale"] = scale
         return p
+
+    def diff_bound(self, weight_absmax):
+        if weight_absmax is None:
+            return None
+        p = self.prepare(self.oft_blocks.device, FP32)
+        # the largest row abs-sum of the whole transform is at most the product of each stage's
+        # (the butterfly permutations keep it) times max |rescale|; subtracting W adds at most 1
+        gain = float(p["r"].double().abs().sum(dim=-1).amax(dim=(1, 2)).prod())
+        if "rescale" in p:
+            gain *= abs_max(p["rescale"])
+        return weight_absmax * (gain + 1)
 
     def rotate(self, v, p):
         out = butterfly(p["r"].to(v.dtype), v)

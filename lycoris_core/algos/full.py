@@ -12,6 +12,7 @@ from ..errors import LycorisError, LycorisShapeError
 from ..layer import LayerSpec
 from .base import FP32, Adapter
 from .norm import add_bias_delta, norm_view, normalized
+from .ops import abs_max
 from .registry import register
 
 
@@ -71,11 +72,12 @@ class Full(Adapter):
                 p[key] = t.to(device=device, dtype=FP32)
         return p
 
-    def delta_bound(self):
-        if self.diff_w is None:
-            return None  # set_weight replaces W: its change depends on W
-        lo, hi = torch.aminmax(self.diff_w.detach())
-        return max(-float(lo), float(hi))
+    def diff_bound(self, weight_absmax):
+        if self.diff_w is not None:
+            return abs_max(self.diff_w)
+        if self.set_weight is None:
+            return 0.0  # only a bias change
+        return None if weight_absmax is None else abs_max(self.set_weight) + weight_absmax  # S - W
 
     def diff(self, weight, rows, p):
         if "diff" in p:

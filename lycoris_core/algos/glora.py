@@ -21,7 +21,7 @@ import torch
 from ..errors import LycorisError, LycorisShapeError
 from ..layer import LayerSpec
 from .base import FP32, Adapter
-from .ops import kaiming_, require
+from .ops import kaiming_, product_bound, require
 from .registry import register
 
 NAMES = ("a1", "a2", "b1", "b2")
@@ -142,6 +142,16 @@ class GLoRA(Adapter):
         p["b1_mat"] = p["b1"].reshape(p["b1"].shape[0], self.rank)
         p["b2_mat"] = p["b2"].reshape(self.rank, -1) * gamma
         return p
+
+    def diff_bound(self, weight_absmax):
+        if weight_absmax is None:
+            return None
+        p = self.prepare(self.a1.device, FP32)
+        # |(W x_in A1 A2)[o, j]| <= max|W| * sum_i |(A1 A2)[i, j]|
+        #                       <= max|W| * sum_r (sum_i |A1[i, r]|) |A2[r, j]|
+        a1_sums = p["a1_mat"].double().abs().sum(dim=0)
+        mix = float((a1_sums @ p["a2_mat"].double().abs()).max())
+        return weight_absmax * mix + product_bound(p["b1_mat"], p["b2_mat"])
 
     def diff(self, weight, rows, p):
         # W x_in (A1 A2): move the input axis last, multiply by the two thin factors, move back

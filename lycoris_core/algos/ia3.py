@@ -6,7 +6,7 @@ import torch
 from ..errors import LycorisError, LycorisShapeError
 from ..layer import LayerSpec
 from .base import FP32, Adapter, scalar_value
-from .ops import require
+from .ops import abs_max, require
 from .registry import register
 
 
@@ -71,6 +71,9 @@ class IA3(Adapter):
 
     def prepare(self, device, dtype):
         return {"w": self.w.reshape(-1).to(device=device, dtype=FP32)}
+
+    def diff_bound(self, weight_absmax):
+        return None if weight_absmax is None else abs_max(self.w) * weight_absmax
 
     def _view(self, vec: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
         shape = [1] * ndim

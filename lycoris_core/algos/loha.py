@@ -92,9 +92,7 @@ class LoHa(Adapter):
         p["A1"] = p["A1"] * self.scale
         return p
 
-    def delta_bound(self):
-        if self.dora_scale is not None:
-            return None
+    def diff_bound(self, weight_absmax):
         p = self.prepare(self.w1a.device, FP32)
         return product_bound(p["A1"], p["B1"]) * product_bound(p["A2"], p["B2"])
 

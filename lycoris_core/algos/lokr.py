@@ -8,7 +8,8 @@ import torch
 from ..errors import LycorisError, LycorisShapeError
 from ..layer import LayerSpec
 from .base import FP32, Adapter
-from .ops import check_dim, dora_in_dim, factorization, kaiming_, require, reshape_to, tucker
+from .ops import (abs_max, check_dim, dora_in_dim, factorization, kaiming_, require, reshape_to,
+                  tucker)
 from .registry import register
 
 
@@ -123,12 +124,9 @@ class LoKr(Adapter):
         p["W2"] = w2.contiguous()  # torch.kron needs a viewable layout (einsum output may not be)
         return p
 
-    def delta_bound(self):
-        if self.dora_scale is not None:
-            return None
+    def diff_bound(self, weight_absmax):
         p = self.prepare(next(self.parameters()).device, FP32)
-        # max |W1 ⊗ W2| = max |W1| * max |W2| exactly
-        return float(p["W1"].double().abs().max() * p["W2"].double().abs().max())
+        return abs_max(p["W1"]) * abs_max(p["W2"])  # max |W1 ⊗ W2|, exactly
 
     def diff(self, weight, rows, p):
         w1, w2 = p["W1"], p["W2"]

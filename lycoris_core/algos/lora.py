@@ -68,9 +68,7 @@ class LoRA(Adapter):
         p["down_full"] = down_full
         return p
 
-    def delta_bound(self):
-        if self.dora_scale is not None:
-            return None
+    def diff_bound(self, weight_absmax):
         p = self.prepare(self.down.device, FP32)
         return product_bound(p["up_mat"], p["down_mat"])
 

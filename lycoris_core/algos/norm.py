@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..errors import LycorisError, LycorisShapeError
 from ..layer import LayerSpec
 from .base import FP32, Adapter
-from .ops import check_dim
+from .ops import abs_max, check_dim
 from .registry import register
 
 
@@ -100,6 +100,9 @@ class Norm(Adapter):
             return torch.zeros_like(weight)
         d = p["w_norm"].reshape(-1)
         return (d if rows is None else d[rows]).reshape(weight.shape)
+
+    def diff_bound(self, weight_absmax):
+        return 0.0 if self.w_norm is None else abs_max(self.w_norm)
 
     def merge_bias(self, bias, strength=1.0):
         return add_bias_delta(bias, self.b_norm, strength, file=self.file, key=f"{self.name}.b_norm")

@@ -207,6 +207,14 @@ class DiagOFT(OrthogonalAdapter):
             new = new * scale.reshape(r.shape[0], b, 1)
         return (new - w).reshape(weight.shape)
 
+    def diff_bound(self, weight_absmax):
+        if weight_absmax is None:
+            return None
+        p = self.prepare(next(self.parameters()).device, FP32)
+        _, m = self._blend(p, 1.0)  # diag(s_k) R_k^T per block: D_k = (M_k - I) W_k
+        change = m.double() - torch.eye(self.block_size, dtype=torch.float64, device=m.device)
+        return weight_absmax * float(change.abs().sum(dim=-1).max())
+
     def prepare_merge(self, p, strength):
         p["_blend"] = self._blend(p, strength)
 

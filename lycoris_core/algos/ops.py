@@ -25,6 +25,12 @@ def product_bound(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a.double().norm(dim=1).max() * b.double().norm(dim=0).max())
 
 
+def abs_max(t: torch.Tensor) -> float:
+    """max |t| with one min/max pass and no copy of `t`."""
+    lo, hi = torch.aminmax(t.detach())
+    return max(-float(lo), float(hi))
+
+
 def reshape_to(t: torch.Tensor, shape: tuple[int, ...], *, file: str | None, key: str) -> torch.Tensor:
     """Reshape a product to the target weight shape, failing clearly when sizes differ."""
     if tuple(t.shape) == tuple(shape):
