@@ -148,6 +148,61 @@ def training_flag():
         mm.in_training = before
 
 
+# comfy_kitchen's fused interleaved RoPE: out = F x per channel pair, F a 2x2 block of freqs_cis
+KITCHEN_ROPE_OPS = {"apply_rope": 2, "apply_rope1": 1}  # op -> number of rotated inputs
+_rope_checked: set[str] = set()
+
+
+def _rope_backward(ctx, *grads):
+    """Input gradients of a pairwise rotation: the same op with each 2x2 block transposed."""
+    op = getattr(torch.ops.comfy_kitchen, ctx.op_name)
+    out = op(*grads, ctx.freqs.transpose(-1, -2).contiguous())
+    return (*(out if isinstance(out, (tuple, list)) else (out,)), None)
+
+
+def _lacks_backward(op, inputs: int) -> bool:
+    """Whether backpropagating through `op` fails for want of an autograd formula."""
+    x = torch.randn(1, 1, 2, 4, requires_grad=True)
+    freqs = torch.randn(1, 1, 2, 2, 2, 2)
+    with torch.inference_mode(False), torch.enable_grad():
+        out = op(*([x] * inputs), freqs)
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        try:
+            torch.autograd.grad(first.sum(), x)
+        except RuntimeError as e:
+            if "autograd" not in str(e):
+                raise
+            return True
+    return False
+
+
+def differentiable_rope() -> list[str]:
+    """Give comfy_kitchen's fused RoPE ops a backward where the installed version has none (hosts
+    around v0.8.0 call them unconditionally; newer hosts use plain torch while `in_training`).
+    RoPE is a fixed rotation of the input, so its input gradient is the transposed rotation.
+    Returns the ops given one; a no-op without comfy_kitchen or when its ops already have one."""
+    kitchen = getattr(torch.ops, "comfy_kitchen", None)
+    added = []
+    for name, inputs in KITCHEN_ROPE_OPS.items():
+        if name in _rope_checked:
+            continue
+        _rope_checked.add(name)
+        try:
+            op = getattr(kitchen, name)
+        except (AttributeError, RuntimeError):
+            continue
+        if not _lacks_backward(op, inputs):
+            continue
+
+        def setup_context(ctx, inputs, output, name=name):
+            ctx.op_name = name
+            ctx.freqs = inputs[-1]
+
+        torch.library.register_autograd(f"comfy_kitchen::{name}", _rope_backward, setup_context=setup_context)
+        added.append(name)
+    return added
+
+
 # ----- UI --------------------------------------------------------------------------------------------
 def send_progress_text(text: str, unique_id) -> None:
     """Text under the node (the host's progress text, where the server has it); a no-op in scripts."""

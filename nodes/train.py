@@ -3,9 +3,13 @@
 The loss goes through the host's own sampling objects: a `CFGGuider` (cfg 1, positive only) loads
 the model, processes the conditioning and applies every model option/wrapper, and hands control to
 our `Sampler` subclass, which runs the training loop calling the guider as the denoiser. Each step
-draws images, noise and a noise level (uniform in the model's "percent" scale), and the loss is
-the mean squared error in noise space, `((x0_pred - x0) / sigma)^2`: the usual epsilon MSE for
-eps/v models and the velocity MSE for flow models.
+draws images, noise and a noise level (uniform in the model's "percent" scale), noises the images
+with the host's `noise_scaling`, and the loss is the mean squared error in the space of the
+model's own output, `((x0_pred - x0) / c_out)^2`, where `c_out` is how far the host's
+`calculate_denoised` moves the estimate per unit of model output: the epsilon MSE for eps models,
+the v MSE for v models, the velocity MSE for flow models (SD3, Flux, Wan, ...), Karras' weighting
+for EDM ones. Latents of any dimensionality (video: [B, C, T, H, W]) and the family's extra
+conditioning (pooled text, guidance, masks) pass through the host's own `extra_conds`.
 
 The base model is never written to: adapters run in bypass around each layer (`lycoris_core.train.
 attached`), so fp16/bf16, fp8 and other quantised bases train alike. Weights the host created under
@@ -13,6 +17,10 @@ inference mode are converted to normal tensors in place (same values) so autogra
 second copy of the model, unlike reloading it from its file. Newer hosts' training flag is set for
 the run (it switches their inference-only kernels back to differentiable code). Dynamic VRAM stays
 on, as in the host's own trainer: the adapters read weights through the host's cast like the layer.
+Host code that updates activations in place (DiT residuals) trains because saved activations are
+copied (`activations_copied`, switched on at the first backward that finds an activation changed
+in place, so models that need no copies pay nothing), and fused RoPE kernels without a backward
+get one (`host_compat`).
 
 Interruption (the queue's cancel button): training stops at the next step and the node returns
 what was trained so far (MODEL, LYCORIS, loss) instead of failing, so a Save LyCORIS node
@@ -22,6 +30,7 @@ prompt trains again instead of reusing the partial result from the cache.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import Counter
@@ -39,12 +48,14 @@ import folder_paths
 from ..lycoris_core import AdapterFile
 from ..lycoris_core.io import parse_json
 from ..lycoris_core.save import standard_metadata
-from ..lycoris_core.train import (OPTIMIZERS, PRESETS, SCHEDULES, Dropout, Root, Trainer, attached,
-                                  autograd_safe, checkpoint_blocks, checkpointed, create_adapters,
-                                  default_kinds, freeze, frozen, kohya_name, resume_adapters,
-                                  select_targets, trainable_algorithms, wrapper_weights_kept)
+from ..lycoris_core.train import (OPTIMIZERS, PRESETS, SCHEDULES, Dropout, Root, Trainer,
+                                  activations_copied, attached, autograd_safe, checkpoint_blocks,
+                                  checkpointed, create_adapters, default_kinds, freeze, frozen,
+                                  kohya_name, resume_adapters, select_targets, trainable_algorithms,
+                                  wrapper_weights_kept)
 from .apply import apply_lycoris
-from .host_compat import dequantiser_for, read_adapters, send_progress_text, training_flag
+from .host_compat import (dequantiser_for, differentiable_rope, read_adapters, send_progress_text,
+                          training_flag)
 from .keymap import MODEL, KeyMap, _split_value
 from .loss_plot import draw_loss
 
@@ -61,6 +72,9 @@ BASE_MODELS = {"SD15": "sd_v1", "SD20": "sd_v2", "SD21UnclipL": "sd_v2", "SD21Un
                "SD3": "sd3", "Flux": "flux1", "FluxSchnell": "flux1"}
 # kohya names SD1.x/2.x files by the diffusers module paths; every other model by its own paths
 DIFFUSERS_NAMED = ("sd_v1", "sd_v2", "sd_v2_v")
+# the host's prediction classes (comfy.model_sampling) -> what the loss regresses, most derived first
+OBJECTIVES = {"EDM": "edm", "V_PREDICTION": "v-prediction", "IMG_TO_IMG": "x0", "X0": "x0",
+              "EPS": "epsilon", "CONST": "flow matching", "COSMOS_RFLOW": "flow matching (cosmos)"}
 
 _interruptions = 0  # bumped on every interrupted run, so IS_CHANGED re-runs partial results
 
@@ -156,8 +170,28 @@ def tag_frequency(captions: list[str], n_images: int) -> dict[str, int]:
 
 
 # ----- the loss through the host's sampling objects ------------------------------------------------
+def objective_name(model_sampling) -> str:
+    """What the loss regresses for this host model: its prediction class, as named in OBJECTIVES
+    (the class name itself for one not listed)."""
+    for cls in type(model_sampling).__mro__:
+        if cls.__name__ in OBJECTIVES:
+            return OBJECTIVES[cls.__name__]
+    return type(model_sampling).__name__
+
+
+def output_scale(model_sampling, sigma: torch.Tensor, ndim: int) -> torch.Tensor:
+    """`c_out` per sample, shaped to broadcast over `ndim`-D latents: how far the host's denoised
+    estimate moves per unit of model output at `sigma` (sigma for eps and flow models,
+    sigma / sqrt(sigma^2 + 1) for v models). Taken at input 0, so it is exact at small sigma."""
+    shape = (sigma.shape[0],) + (1,) * (ndim - 1)
+    zero = torch.zeros(shape, device=sigma.device, dtype=torch.float32)
+    with torch.no_grad():
+        return (model_sampling.calculate_denoised(sigma.float(), zero, zero)
+                - model_sampling.calculate_denoised(sigma.float(), zero + 1, zero))
+
+
 class Objective:
-    """Batches, noise and noise levels for each step (seeded), and the noise-space MSE."""
+    """Batches, noise and noise levels for each step (seeded), and the MSE in model-output space."""
 
     def __init__(self, n_images: int, batch_size: int, seed: int):
         self.n = n_images
@@ -186,7 +220,7 @@ class Objective:
         if len(conds) > 1:
             model_wrap.conds["positive"] = [_batched_cond(conds, idx)]
         denoised = model_wrap(xt, sigma, **extra_args)
-        err = (denoised.float() - x0.float()) / sigma.float().reshape((-1,) + (1,) * (x0.ndim - 1))
+        err = (denoised.float() - x0.float()) / output_scale(ms, sigma, x0.ndim)
         return err.square().mean()
 
 
@@ -206,6 +240,26 @@ class TrainSampler(comfy.samplers.Sampler):
 class Progress:
     losses: list[float] = field(default_factory=list)
     interrupted: bool = False
+    objective: str = ""
+
+
+# what autograd says when code updated a tensor saved for backward in place
+_IN_PLACE_ERRORS = ("modified by an inplace operation", "Recomputed values for the following tensors")
+
+
+def _step(trainer: Trainer, loss_fn, copying: contextlib.ExitStack) -> float:
+    """One training step. A model that updates activations in place after saving them (a DiT's
+    residual `x += f(norm(x))`) fails its first backward; from then on its saved activations are
+    copied and the step is retried (the trainer zeroes gradients first). Models that need no copies
+    never pay for them."""
+    try:
+        return trainer.step(loss_fn)
+    except RuntimeError as exc:
+        if getattr(copying, "copies_activations", False) or not any(m in str(exc) for m in _IN_PLACE_ERRORS):
+            raise
+    copying.enter_context(activations_copied())
+    copying.copies_activations = True
+    return trainer.step(loss_fn)
 
 
 def run_training(model, latents: torch.Tensor, conditioning, pairs, trainer: Trainer, *,
@@ -219,16 +273,17 @@ def run_training(model, latents: torch.Tensor, conditioning, pairs, trainer: Tra
 
     def body(model_wrap, extra_args, x0_all):
         diffusion = model_wrap.inner_model.diffusion_model
+        progress.objective = objective_name(model_wrap.inner_model.model_sampling)
         autograd_safe(diffusion)
         x0_all = x0_all.clone() if x0_all.is_inference() else x0_all
         conds = [_thaw(c) for c in model_wrap.conds["positive"]]
         model_wrap.conds["positive"] = conds
         blocks = checkpoint_blocks(diffusion) if gradient_checkpointing else []
         adapters_on = attached(pairs, regularizer=regularizer, dequantiser_for=dequantiser_for)
-        with frozen(diffusion), adapters_on, checkpointed(blocks):
+        with frozen(diffusion), adapters_on, checkpointed(blocks), contextlib.ExitStack() as copying:
             for step in range(steps):
                 comfy.model_management.throw_exception_if_processing_interrupted()
-                loss = trainer.step(lambda: objective.loss(model_wrap, extra_args, x0_all, conds))
+                loss = _step(trainer, lambda: objective.loss(model_wrap, extra_args, x0_all, conds), copying)
                 progress.losses.append(loss)
                 send_progress_text(f"step {step + 1}/{steps}  loss {loss:.5f}  lr {trainer.lr:.3g}", unique_id)
                 pbar.update(1)
@@ -263,7 +318,8 @@ class LycorisTrain:
     OUTPUT_TOOLTIPS = ("The input model with the trained adapter applied.",
                        "The trained adapter (connect to Save LyCORIS, a LyCORIS apply node, or "
                        "another train node's resume input).",
-                       "Loss per step ({\"loss\": [...]}, as core's Plot Loss Graph reads it).",
+                       "Loss per step ({\"loss\": [...]}, as core's Plot Loss Graph reads it) and "
+                       "the objective trained (\"objective\": epsilon, v-prediction, flow matching...).",
                        "The loss history drawn as an image.")
     DESCRIPTION = ("Train a LyCORIS adapter (LoRA/LoCon, LoHa, LoKr, (IA)^3, GLoRA, Diag-OFT, BOFT, full, "
                    "norms; DoRA, Tucker, scalar) on the diffusion model from encoded images and "
@@ -373,6 +429,7 @@ class LycorisTrain:
         with training_flag(), wrapper_weights_kept(mp.model), torch.inference_mode(False), \
                 torch.enable_grad(), torch.random.fork_rng(rng_devices):
             torch.manual_seed(seed)  # adapter init and dropout draws, without touching the caller's RNG
+            differentiable_rope()
             if resume is not None:
                 built, kept = self._resumed(mp, resume, device)
                 options = {}
@@ -421,7 +478,8 @@ class LycorisTrain:
                              for a in built.adapters.values() for t in a.export().values()), {})
         trained_model = apply_lycoris(model, None, result, 1.0, 0.0)[0]
         image = np.asarray(draw_loss(progress.losses), dtype=np.float32) / 255.0
-        return (trained_model, result, {"loss": list(progress.losses)}, torch.from_numpy(image)[None])
+        return (trained_model, result, {"loss": list(progress.losses), "objective": progress.objective},
+                torch.from_numpy(image)[None])
 
     @staticmethod
     def _resume_source(resume_lycoris, resume_file):

@@ -344,14 +344,36 @@ def lycoris_preset():
 
 
 # LoRA on every family; the other network algorithms on one family of each layout
-NETWORK_CASES = [(f, "lora") for f in dit.FAMILY_NAMES] + [
-    (f, a) for f in ("flux", "sd3", "wan21") for a in LYCORIS_NETWORK_ALGOS if a != "lora"]
+# LoRA on every family; the other network algorithms, and the other spellings of native names,
+# on a few families
+NETWORK_CASES = [(f, "lora", "kohya") for f in dit.FAMILY_NAMES] + [
+    (f, a, "kohya") for f in ("flux", "sd3", "wan21") for a in LYCORIS_NETWORK_ALGOS if a != "lora"] + [
+    (f, "lora", style) for f in ("flux", "wan21", "qwen_image") for style in ("comfy", "bfl_peft")]
+# how trainers spell a native module path: kohya/LyCORIS, ComfyUI's own saved LoRAs, BFL/AI-Toolkit
+STYLES = {"kohya": lambda path, suffix: f"lora_unet_{path.replace('.', '_')}.{suffix}",
+          "comfy": lambda path, suffix: f"diffusion_model.{path}.{suffix}",
+          "bfl_peft": lambda path, suffix: f"diffusion_model.{path}." + {
+              "lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}.get(suffix, suffix)}
 
 
-@pytest.mark.parametrize(("family", "algo"), NETWORK_CASES)
-def test_lycoris_network_files_on_native_names_merge_like_lycoris(family, algo, tmp_path, lycoris_preset):
+def respelled(tensors: dict, model: torch.nn.Module, style: str) -> dict:
+    """A kohya-named state dict in another trainer's spelling of the same native paths."""
+    dotted = {"lora_unet_" + n.replace(".", "_"): n for n, _ in model.named_modules() if n}
+    out = {}
+    for key, value in tensors.items():
+        name, suffix = key.split(".", 1)
+        if style == "bfl_peft" and suffix == "alpha":
+            continue  # PEFT files carry no alpha: the tests use alpha = rank
+        out[STYLES[style](dotted[name], suffix)] = value
+    return out
+
+
+@pytest.mark.parametrize(("family", "algo", "style"), NETWORK_CASES)
+def test_lycoris_network_files_on_native_names_merge_like_lycoris(family, algo, style, tmp_path, lycoris_preset):
     """A LyCORIS network over every Linear of the host's own model, saved by lycoris-lora with
-    kohya's `lora_unet_<path>` names (`lora_unet_double_blocks_0_img_attn_qkv` on Flux): our merge
+    kohya's `lora_unet_<path>` names (`lora_unet_double_blocks_0_img_attn_qkv` on Flux), or the same
+    modules as ComfyUI saves them (`diffusion_model.<path>.lora_up.weight`) and as BFL/AI-Toolkit
+    files spell them (`diffusion_model.<path>.lora_A.weight`): our merge
     equals lycoris-lora's own `merge_to` over the whole model at strengths 1 and -0.5, our bypass
     equals our merge, and every layer core's loader patches ends up the same as core's."""
     import copy
@@ -363,13 +385,15 @@ def test_lycoris_network_files_on_native_names_merge_like_lycoris(family, algo, 
     base = merged_weights(model)
     assert all(torch.isfinite(v).all() for v in base.values())
     unload_all()
-    path = str(tmp_path / f"{family}_{algo}.safetensors")
+    path = str(tmp_path / f"{family}_{algo}_{style}.safetensors")
     reference = copy.deepcopy(model.model.diffusion_model).float()
     network = create_lycoris(reference, 1.0, linear_dim=4, linear_alpha=4, algo=algo)
     network.apply_to()  # registers the modules (their weights) with the network
     randomize(network, scale=0.05, seed=11)
     assert network.state_dict(), "lycoris-lora made no module"
     network.save_weights(path, torch.float32, None)
+    if style != "kohya":
+        save_file(respelled(read_safetensors(path), reference, style), path)
     tensors = read_safetensors(path)
     for strength in (1.0, -0.5):
         network.merge_to(strength)

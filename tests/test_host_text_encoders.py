@@ -8,7 +8,6 @@ loader on the same file wherever core patches.
 """
 from __future__ import annotations
 
-import copy
 import os
 import warnings
 

@@ -2,6 +2,7 @@
 algorithm: dW = 0 at step 0, the loss falls on a reachable target, base weights never change,
 saved files load identically in our reader and in lycoris-lora, resume continues exactly, and
 training works on a frozen fp16 base and on weights made under inference mode."""
+import contextlib
 import copy
 import math
 
@@ -12,7 +13,7 @@ from torch import nn
 
 from lycoris_core import LayerSpec, LycorisError, load_file
 from lycoris_core.save import save_file
-from lycoris_core.train import (PRESETS, Dropout, Root, Trainer, attached, autograd_safe,
+from lycoris_core.train import (PRESETS, Dropout, Root, Trainer, activations_copied, attached, autograd_safe,
                                 checkpoint_blocks, checkpointed, create_adapters, default_kinds, freeze,
                                 layer_kinds, lr_factor, param_groups, resume_adapters, select_targets,
                                 trainable_algorithms)
@@ -431,6 +432,48 @@ def test_dropouts_change_training_only_and_replay_under_checkpointing():
         assert torch.allclose(a, b, atol=1e-6)
     with pytest.raises(LycorisError):
         Dropout(dropout=1.0)
+
+
+class InPlaceBlock(nn.Module):
+    """A DiT-style block written for inference: the residual is added into its input in place."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.fc = nn.Linear(dim, dim)
+
+    def forward(self, x, in_place: bool = True):
+        h = self.fc(self.norm(x))
+        if in_place:
+            x += h
+            return x
+        return x + h
+
+
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["plain", "checkpointed"])
+def test_blocks_that_update_activations_in_place_train_exactly(checkpoint):
+    torch.manual_seed(0)
+    model = nn.Sequential(InPlaceBlock(8), InPlaceBlock(8))  # the first one's input needs no grad
+    built = create_adapters(select_targets(Root(model), "custom", include="."), "lora", rank=2)
+    perturb(built.adapters)
+    x = torch.randn(3, 8)
+
+    def grads(in_place: bool, guarded: bool):
+        for p in (p for a in built.adapters.values() for p in a.parameters()):
+            p.grad = None
+        blocks = list(model) if checkpoint and guarded else []
+        copies = activations_copied() if guarded else contextlib.nullcontext()
+        with attached(built.pairs()), checkpointed(blocks), copies:
+            h = x.clone()
+            for block in model:
+                h = block(h, in_place=in_place)
+            h.square().sum().backward()
+        return [p.grad.clone() for a in built.adapters.values() for p in a.parameters()]
+
+    with pytest.raises(RuntimeError, match="inplace"):
+        grads(in_place=True, guarded=False)
+    for got, want in zip(grads(in_place=True, guarded=True), grads(in_place=False, guarded=False)):
+        assert torch.allclose(got, want, atol=1e-6)
 
 
 def test_attach_and_checkpoint_restore_forwards():

@@ -8,7 +8,7 @@
             trainer.step(lambda: loss_of(batch))
     freeze(built.adapters); save_file(built.adapters, "out.safetensors", metadata)
 """
-from .attach import (attached, autograd_safe, checkpoint_blocks, checkpointed, frozen,
+from .attach import (activations_copied, attached, autograd_safe, checkpoint_blocks, checkpointed, frozen,
                      wrapper_weights_kept)
 from .build import (Built, create_adapters, default_kinds, freeze, layer_kinds, resume_adapters, trainable_algorithms,
                     trainable_copy)
@@ -16,7 +16,7 @@ from .loop import OPTIMIZERS, SCHEDULES, Dropout, Trainer, lr_factor, make_optim
 from .targets import PRESETS, Preset, Root, Target, kohya_name, select_targets
 
 __all__ = ["Built", "Dropout", "OPTIMIZERS", "PRESETS", "Preset", "Root", "SCHEDULES", "Target",
-           "Trainer", "attached", "autograd_safe", "checkpoint_blocks", "checkpointed", "wrapper_weights_kept",
+           "Trainer", "activations_copied", "attached", "autograd_safe", "checkpoint_blocks", "checkpointed", "wrapper_weights_kept",
            "create_adapters", "default_kinds", "freeze", "frozen", "kohya_name", "layer_kinds", "lr_factor", "make_optimizer",
            "param_groups", "resume_adapters", "select_targets", "trainable_algorithms",
            "trainable_copy"]

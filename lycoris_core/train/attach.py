@@ -6,7 +6,9 @@ original back on exit. The base weight is only read, never written, so frozen fp
 fp8 and other quantised layers whose own forward dequantises all work; the host's own forward
 (weight casting, offloading) still runs for the base path.
 
-`autograd_safe` makes tensors created under `torch.inference_mode()` (as a host that loads models
+`activations_copied` lets autograd run through inference code that updates activations in place
+(a DiT's residual `x += ...` after `norm(x)` saved x): every activation autograd saves is copied
+when saved. `autograd_safe` makes tensors created under `torch.inference_mode()` (as a host that loads models
 inside inference mode produces) usable by autograd, once, with the same values; `frozen` keeps the
 base model's parameters out of autograd while training. Adapters that read the dense weight in
 bypass (DoRA's norm; the dense fallback of unusual layouts) take `module.weight` as the host stores
@@ -99,13 +101,22 @@ def checkpoint_blocks(root: nn.Module) -> list[nn.Module]:
     return blocks
 
 
+def _fresh(value):
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
 def _checkpointed_forward(module: nn.Module):
     original = module.forward
+
+    def on_copies(*args, **kwargs):
+        # a block that updates its inputs in place (`x += ...`) must not change what the
+        # checkpoint keeps for recomputation: values and requires_grad alike
+        return original(*map(_fresh, args), **{k: _fresh(v) for k, v in kwargs.items()})
 
     def forward(*args, **kwargs):
         if not torch.is_grad_enabled():
             return original(*args, **kwargs)
-        return torch.utils.checkpoint.checkpoint(original, *args, use_reentrant=False, **kwargs)
+        return torch.utils.checkpoint.checkpoint(on_copies, *args, use_reentrant=False, **kwargs)
 
     return forward
 
@@ -122,6 +133,31 @@ def checkpointed(blocks: Iterable[nn.Module]) -> Iterator[None]:
     finally:
         for module, previous in reversed(done):
             _restore(module, previous)
+
+
+def _pack(t: torch.Tensor):
+    """A saved tensor as autograd keeps it: results of recorded ops copied; other tensors (weights,
+    inputs) by reference with their version, so an in-place change is still caught."""
+    return t.clone() if t.grad_fn is not None else (t, t._version)
+
+
+def _unpack(saved) -> torch.Tensor:
+    if not isinstance(saved, tuple):
+        return saved
+    t, version = saved
+    if t._version != version:
+        raise RuntimeError(f"a {tuple(t.shape)} tensor saved for backward was changed in place "
+                           "before backward (one without autograd history, so it was not copied)")
+    return t
+
+
+@contextmanager
+def activations_copied() -> Iterator[None]:
+    """Within the block, tensors saved for backward that come out of recorded ops are copied when
+    saved, so code that later updates them in place (`x += f(norm(x))`) cannot invalidate them.
+    Costs a copy of each saved activation (up to twice their memory without checkpointing)."""
+    with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+        yield
 
 
 @contextmanager
