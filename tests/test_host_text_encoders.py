@@ -16,11 +16,16 @@ import torch
 from safetensors.torch import load_file as read_safetensors
 
 from host import text_encoders
-from host.helpers import load, module_outputs, pack_module, rel_err, unload_all
+from host.helpers import load, pack_module, rel_err, sample_input, unload_all
 
 FP32_TOL = 1e-5
 PARTS = {"text_encoder": "clip_l.transformer.", "text_encoder_2": "clip_g.transformer."}  # file part -> host
-KOHYA = {"lora_te1": "clip_l.transformer.", "lora_te2": "clip_g.transformer."}
+# kohya-style names: file prefix -> host prefix, per text-encoder set (the twins come in this order)
+KOHYA = {
+    "sdxl": {"lora_te1": "clip_l.transformer.", "lora_te2": "clip_g.transformer."},
+    "flux": {"lora_te1": "clip_l.transformer.", "lora_te3": "t5xxl.transformer."},  # kohya sd-scripts
+    "flux-onetrainer": {"lora_te1": "clip_l.transformer.", "lora_te2": "t5xxl.transformer."},
+}
 
 
 @pytest.fixture(autouse=True)
@@ -31,9 +36,23 @@ def _quiet(lycoris_pack):
     unload_all()
 
 
-@pytest.fixture(scope="module")
+_CLIPS: dict = {}
+
+
+def encoders(kind: str):
+    """(CLIP object, transformers twins) of a tiny text-encoder set, built once per process."""
+    family = kind.split("-")[0]
+    if family not in _CLIPS:
+        build = {"sdxl": (text_encoders.sdxl_clip, text_encoders.sdxl_twins),
+                 "flux": (text_encoders.flux_clip, text_encoders.flux_twins)}[family]
+        _CLIPS[family] = build[0]()
+    twins = {"sdxl": text_encoders.sdxl_twins, "flux": text_encoders.flux_twins}[family]()
+    return _CLIPS[family], twins
+
+
+@pytest.fixture
 def clip(lycoris_pack):
-    return text_encoders.sdxl_clip()
+    return encoders("sdxl")[0]
 
 
 def clip_weights(clip) -> dict[str, torch.Tensor]:
@@ -108,15 +127,27 @@ def assert_merges_like(clip, path: str, expected_change, strengths=(1.0, -0.5)) 
     return report
 
 
+def outputs(clip, keys: list[str]) -> dict[str, torch.Tensor]:
+    """Each layer's output on a fixed input, with whatever patches or injections are loaded."""
+    import comfy.utils
+
+    load(clip.patcher)
+    out = {}
+    with torch.inference_mode():
+        for i, key in enumerate(keys):
+            module = comfy.utils.get_attr(clip.cond_stage_model, key[: -len(".weight")])
+            out[key] = module(sample_input(module, i)).float()
+    return out
+
+
 def assert_bypass_equals_merge(clip, path: str, strength: float = 0.8) -> None:
     base = clip_weights(clip)
     merged = ours(clip, path, strength)[1]
     keys = [k for k in changed(base, clip_weights(merged)) if k.endswith(".weight")]
-    want = module_outputs(None, merged, ["clip_" + k[len("clip_"):] for k in keys])
+    assert keys
+    want = outputs(merged, keys)
     unload_all()
-    bypassed = ours(clip, path, strength, "bypass")[1]
-    load(bypassed.patcher)
-    have = module_outputs(None, bypassed, keys)
+    have = outputs(ours(clip, path, strength, "bypass")[1], keys)
     for k in keys:
         assert rel_err(have[k], want[k]) < FP32_TOL, k
 
@@ -141,18 +172,25 @@ def test_peft_text_encoder_files_merge_with_pefts_deltas(clip, tmp_path):
     assert_bypass_equals_merge(clip, path)
 
 
-@pytest.mark.parametrize("algo", ["lora", "loha", "lokr"])
-def test_kohya_text_encoder_names_merge_like_lycoris(clip, algo, tmp_path):
-    """LyCORIS networks over both twins with kohya's `lora_te1_` / `lora_te2_` names."""
+KOHYA_CASES = [("sdxl", a) for a in ("lora", "loha", "lokr")] + [("flux", "lora"), ("flux", "lokr"),
+                                                                  ("flux-onetrainer", "lora")]
+
+
+@pytest.mark.parametrize(("kind", "algo"), KOHYA_CASES)
+def test_kohya_text_encoder_names_merge_like_lycoris(lycoris_pack, kind, algo, tmp_path):
+    """LyCORIS networks over both twins with kohya's names: `lora_te1_`/`lora_te2_` on SDXL's
+    CLIP-L/G, `lora_te1_`/`lora_te3_` on Flux's CLIP-L/T5 (sd-scripts) and `lora_te2_` for its T5
+    (OneTrainer)."""
     from lycoris import LycorisNetwork, create_lycoris
     from safetensors.torch import save_file
 
     from oracle import randomize
 
+    clip, twins = encoders(kind)
     saved = {"target_module": LycorisNetwork.TARGET_REPLACE_MODULE, "lora_prefix": LycorisNetwork.LORA_PREFIX}
-    twins, networks, tensors = text_encoders.sdxl_twins(), {}, {}
+    networks, tensors = {}, {}
     try:
-        for (prefix, host_prefix), twin in zip(KOHYA.items(), twins):
+        for (prefix, host_prefix), twin in zip(KOHYA[kind].items(), twins):
             LycorisNetwork.apply_preset({"target_module": ["Linear"], "lora_prefix": prefix})
             net = create_lycoris(twin, 1.0, linear_dim=4, linear_alpha=4, algo=algo)
             net.apply_to()
@@ -161,7 +199,7 @@ def test_kohya_text_encoder_names_merge_like_lycoris(clip, algo, tmp_path):
             tensors.update({k: v.detach().clone() for k, v in net.state_dict().items()})
     finally:
         LycorisNetwork.apply_preset(saved)
-    path = str(tmp_path / f"sdxl_te_{algo}.safetensors")
+    path = str(tmp_path / f"{kind}_te_{algo}.safetensors")
     save_file(tensors, path)
     keys = set(clip.cond_stage_model.state_dict())
 
