@@ -17,7 +17,7 @@ if os.path.isdir(_site) and _site not in sys.path:
 
 # fixtures for tests inside a real ComfyUI (they skip cleanly when it is absent)
 from host.fixtures import (comfy_host, gguf_unet, loras_dir, lycoris_pack, originals,  # noqa: E402,F401
-                           quiet_warnings, sd15, sd15_checkpoint)
+                           quiet_and_unloaded, quiet_warnings, sd15, sd15_checkpoint)
 
 
 def pytest_report_header(config):

@@ -16,7 +16,6 @@ fused slice; lycoris-lora's own merged weight for every algorithm on a slice.
 from __future__ import annotations
 
 import logging
-import warnings
 
 import pytest
 import torch
@@ -30,12 +29,7 @@ STRENGTHS = (1.0, 0.5, 0.0, -0.5)
 FP32_TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _quiet(lycoris_pack):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-    unload_all()
+pytestmark = pytest.mark.usefixtures("quiet_and_unloaded")
 
 
 _MODELS: dict = {}

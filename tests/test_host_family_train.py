@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 
 import pytest
 import torch
 
 from host import dit, dit_inputs
-from host.helpers import pack_module, rel_err, unload_all
+from host.helpers import pack_module, rel_err
 
 STEPS = 3
 RANK = 4
@@ -33,12 +32,7 @@ UNUSED = {"qwen_image": re.compile(r"lora_unet_transformer_blocks_1_(txt_mlp_|at
 _RUNS: dict = {}
 
 
-@pytest.fixture(autouse=True)
-def _quiet(lycoris_pack):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-    unload_all()
+pytestmark = pytest.mark.usefixtures("quiet_and_unloaded")
 
 
 class Run:

@@ -9,7 +9,6 @@ loader on the same file wherever core patches.
 from __future__ import annotations
 
 import os
-import warnings
 
 import pytest
 import torch
@@ -28,12 +27,7 @@ KOHYA = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _quiet(lycoris_pack):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-    unload_all()
+pytestmark = pytest.mark.usefixtures("quiet_and_unloaded")
 
 
 _CLIPS: dict = {}

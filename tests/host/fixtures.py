@@ -74,6 +74,17 @@ def quiet_warnings():
         yield
 
 
+@pytest.fixture
+def quiet_and_unloaded(lycoris_pack):
+    """The pack imported, warnings silenced, and every model unloaded after the test."""
+    from .helpers import unload_all
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+    unload_all()
+
+
 @pytest.fixture(scope="session")
 def gguf_unet(comfy_host, sd15, tmp_path_factory):
     """The test UNet as a Q8_0 GGUF file, loaded by ComfyUI-GGUF's own loader (skips without it)."""
