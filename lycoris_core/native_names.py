@@ -28,12 +28,9 @@ class Rename:
 
 
 def _rules(*rows) -> list[tuple[re.Pattern, str, str | None, int, bool]]:
-    out = []
-    for row in rows:
-        pattern, native, *rest = row
-        layout, index, swap = (rest + [None, 0, False][len(rest):]) if rest else (None, 0, False)
-        out.append((re.compile(pattern), native, layout, index, swap))
-    return out
+    """Compiled rules from rows (pattern, native[, layout, index[, swap_halves]])."""
+    defaults = (None, 0, False)
+    return [(re.compile(pattern), native, *rest, *defaults[len(rest):]) for pattern, native, *rest in rows]
 
 
 def _qkv(prefix: str, native: str, names=("to_q", "to_k", "to_v")) -> list[tuple]:

@@ -247,19 +247,25 @@ class Progress:
 _IN_PLACE_ERRORS = ("modified by an inplace operation", "Recomputed values for the following tensors")
 
 
-def _step(trainer: Trainer, loss_fn, copying: contextlib.ExitStack) -> float:
-    """One training step. A model that updates activations in place after saving them (a DiT's
-    residual `x += f(norm(x))`) fails its first backward; from then on its saved activations are
-    copied and the step is retried (the trainer zeroes gradients first). Models that need no copies
-    never pay for them."""
-    try:
+class _ActivationCopies:
+    """Saved activations copied on demand. A model that updates activations in place after saving
+    them (a DiT's residual `x += f(norm(x))`) fails its first backward; from then on its saved
+    activations are copied and the step is retried (the trainer zeroes gradients first). Models
+    that need no copies never pay for them."""
+
+    def __init__(self, stack: contextlib.ExitStack):
+        self.stack, self.on = stack, False
+
+    def step(self, trainer: Trainer, loss_fn) -> float:
+        """One training step, switching copies on once if its backward asks for them."""
+        try:
+            return trainer.step(loss_fn)
+        except RuntimeError as exc:
+            if self.on or not any(m in str(exc) for m in _IN_PLACE_ERRORS):
+                raise
+        self.stack.enter_context(activations_copied())
+        self.on = True
         return trainer.step(loss_fn)
-    except RuntimeError as exc:
-        if getattr(copying, "copies_activations", False) or not any(m in str(exc) for m in _IN_PLACE_ERRORS):
-            raise
-    copying.enter_context(activations_copied())
-    copying.copies_activations = True
-    return trainer.step(loss_fn)
 
 
 def run_training(model, latents: torch.Tensor, conditioning, pairs, trainer: Trainer, *,
@@ -280,10 +286,11 @@ def run_training(model, latents: torch.Tensor, conditioning, pairs, trainer: Tra
         model_wrap.conds["positive"] = conds
         blocks = checkpoint_blocks(diffusion) if gradient_checkpointing else []
         adapters_on = attached(pairs, regularizer=regularizer, dequantiser_for=dequantiser_for)
-        with frozen(diffusion), adapters_on, checkpointed(blocks), contextlib.ExitStack() as copying:
+        with frozen(diffusion), adapters_on, checkpointed(blocks), contextlib.ExitStack() as stack:
+            copies = _ActivationCopies(stack)
             for step in range(steps):
                 comfy.model_management.throw_exception_if_processing_interrupted()
-                loss = _step(trainer, lambda: objective.loss(model_wrap, extra_args, x0_all, conds), copying)
+                loss = copies.step(trainer, lambda: objective.loss(model_wrap, extra_args, x0_all, conds))
                 progress.losses.append(loss)
                 send_progress_text(f"step {step + 1}/{steps}  loss {loss:.5f}  lr {trainer.lr:.3g}", unique_id)
                 pbar.update(1)
