@@ -1,26 +1,30 @@
-"""Command line: `python -m lycoris_core inspect [FILE] [--json]`."""
+"""Command line: `python -m lycoris_core <command> ...`; the commands live in `lycoris_core.tools`."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
-from .inspect import run
+from .tools import COMMANDS
+from .tools.cli import run_command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser with every command of `lycoris_core.tools.COMMANDS`."""
+    parser = argparse.ArgumentParser(prog="python -m lycoris_core",
+                                     description="LyCORIS adapter file tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f".tools.{name}", __package__).add_command(commands)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the chosen command; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m lycoris_core",
-                                     description="LyCORIS adapter file tools.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    inspect = commands.add_parser(
-        "inspect", help="report algorithms, ranks, alphas, dtypes, model parts, metadata, problems")
-    inspect.add_argument("file", nargs="?", help="adapter .safetensors file (default: the shipped "
-                                                 "example adapter)")
-    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
-        return run(args.file, as_json=args.json, out=sys.stdout, err=sys.stderr)
+        return run_command(args.command, args.run, args)
     except BrokenPipeError:  # `| head`: the reader left; stay quiet like other command-line tools
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
