@@ -9,7 +9,7 @@ import secrets
 import stat
 import struct
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -398,6 +398,18 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLi
     The bytes depend only on the tensors and metadata (sorted header), so equal inputs give equal
     files; tensors sharing storage are fine.
     """
+    clean = storable_tensors(tensors)
+    specs = {k: (t.dtype, tuple(t.shape)) for k, t in clean.items()}
+    return write_streamed(path, specs, clean.__getitem__, metadata or {}, overwrite=overwrite)
+
+
+def write_streamed(path: str | os.PathLike, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+                   produce: Callable[[str], torch.Tensor], metadata: Mapping[str, str], *,
+                   overwrite: bool = False, wrap: Callable[[Iterable[str]], Iterable[str]] = iter) -> str:
+    """Write a safetensors file whose tensors `produce(key)` makes one at a time (so a checkpoint
+    never sits in memory whole), atomically: temporary file beside `path`, fsync, rename; an
+    existing file is kept unless `overwrite`. `specs` gives each key's dtype and shape up front
+    (the header comes first); `wrap` wraps the key order (a progress bar)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path}: is a folder, expected a .safetensors file path")
@@ -405,16 +417,19 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLi
         raise FileExistsError(f"{path}: file exists; pass overwrite=True to replace it")
     if sys.byteorder != "little":
         raise OSError("safetensors is little-endian; writing from a big-endian machine is not supported")
-    clean = storable_tensors(tensors)
-    head = encode_header(clean, metadata or {})
+    meta = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (dtype, shape) in specs.items()}
+    head = encode_header(meta, metadata)
     tmp = _temp_beside(path)
     try:
         with open(tmp, "wb") as f:
             f.write(head)
-            for key in layout_order(clean):
-                t = clean[key]
+            for key in wrap(layout_order(meta)):
+                t = produce(key)
+                if t.dtype != meta[key].dtype or tuple(t.shape) != tuple(meta[key].shape):
+                    raise AssertionError(f"{key}: produced {t.dtype} {list(t.shape)}, header says "
+                                         f"{meta[key].dtype} {list(meta[key].shape)}")
                 if t.numel():
-                    f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                    f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
             f.flush()
             os.fsync(f.fileno())
         if overwrite:

@@ -16,7 +16,7 @@ import math
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -26,8 +26,7 @@ from ..blocks import parse_spec, scaled_strengths
 from ..checkpoint_names import CheckpointNames, KeyTarget, parse_name
 from ..errors import LycorisError, LycorisShapeError, plural
 from ..io import DTYPES as IO_DTYPES
-from ..io import (TensorSource, _publish_new, _temp_beside, encode_header, layout_order,
-                  write_safetensors)
+from ..io import TensorSource, write_safetensors, write_streamed
 from ..native_names import swap_halves
 from .cli import CommandError, add_output, check_output, progress
 from .lowrank import RankRule, low_rank
@@ -155,38 +154,6 @@ def _out_dtype(src_dtype: torch.dtype, dtype: torch.dtype | None) -> torch.dtype
     if dtype is None or not src_dtype.is_floating_point or src_dtype.itemsize < 2:
         return src_dtype
     return dtype
-
-
-def write_streamed(path: str, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
-                   produce: Callable[[str], torch.Tensor], metadata: Mapping[str, str], *,
-                   overwrite: bool = False, wrap: Callable[[Iterable[str]], Iterable[str]] = iter) -> str:
-    """Write a safetensors file whose tensors are made one at a time by `produce(key)`, atomically
-    (temporary file beside `path`, fsync, rename; no-clobber unless `overwrite`)."""
-    meta = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (dtype, shape) in specs.items()}
-    head = encode_header(meta, metadata)
-    order = layout_order(meta)
-    tmp = _temp_beside(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(head)
-            for key in wrap(order):
-                t = produce(key)
-                if t.dtype != meta[key].dtype or tuple(t.shape) != tuple(meta[key].shape):
-                    raise AssertionError(f"{key}: produced {t.dtype} {list(t.shape)}, header says "
-                                         f"{meta[key].dtype} {list(meta[key].shape)}")
-                if t.numel():
-                    f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            _publish_new(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
 
 
 @dataclass
