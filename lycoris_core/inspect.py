@@ -5,6 +5,7 @@ block-weight sliders group them, so what inspect lists is what a block-strength 
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
@@ -20,6 +21,7 @@ from .algos import Adapter
 from .blocks import block_group, detect_arch, group_title, is_known_name, module_blocks
 from .blocks.names import block_sort_key
 from .errors import LycorisError, LycorisWarning, Problem, plural
+from .file_hashes import hash_file
 from .io import parse_json
 
 EXAMPLE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples",
@@ -116,16 +118,7 @@ def _no_effect(adapter: Adapter) -> bool:
 
 def trigger_words(metadata: Mapping[str, str], limit: int = 10) -> list[str]:
     """The most frequent tags of kohya's `ss_tag_frequency` over all dataset folders."""
-    raw = metadata.get("ss_tag_frequency")
-    if not raw:
-        return []
-    data = parse_json(raw)
-    counts: Counter = Counter()
-    for tags in data.values():
-        for tag, n in tags.items():
-            if tag.strip():
-                counts[tag.strip()] += int(n)
-    return [tag for tag, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]]
+    return [tag for tag, _ in tag_frequency(metadata)[:limit]]
 
 
 def _family(base: str | None) -> str | None:
@@ -329,4 +322,182 @@ def run(path: str | None, *, as_json: bool, out: TextIO, err: TextIO) -> int:
         return 1
     print(json.dumps(report, indent=2, ensure_ascii=False) if as_json else format_report(report),
           file=out)
+    return 0
+
+
+# ----- info: the full report (inspect + hashes, training arguments, trigger words) ------------------
+# kohya training arguments shown by `info`, in this order, with their labels
+TRAINING_ARGUMENTS = (
+    ("ss_network_module", "network module"), ("ss_network_dim", "network dim"),
+    ("ss_network_alpha", "network alpha"), ("ss_network_args", "network args"),
+    ("ss_base_model_version", "base model"), ("ss_sd_model_name", "trained on"),
+    ("ss_resolution", "resolution"), ("ss_num_train_images", "train images"),
+    ("ss_num_epochs", "epochs"), ("ss_epoch", "epoch saved"), ("ss_steps", "steps"),
+    ("ss_max_train_steps", "max steps"), ("ss_learning_rate", "learning rate"),
+    ("ss_unet_lr", "unet lr"), ("ss_text_encoder_lr", "text encoder lr"),
+    ("ss_optimizer", "optimizer"), ("ss_lr_scheduler", "lr scheduler"),
+    ("ss_lr_warmup_steps", "warmup steps"), ("ss_batch_size_per_device", "batch size"),
+    ("ss_gradient_accumulation_steps", "grad accumulation"), ("ss_mixed_precision", "precision"),
+    ("ss_seed", "seed"), ("ss_clip_skip", "clip skip"), ("ss_noise_offset", "noise offset"),
+    ("ss_min_snr_gamma", "min SNR gamma"), ("ss_training_started_at", "started"),
+    ("ss_training_finished_at", "finished"), ("ss_training_comment", "comment"),
+)
+TIMESTAMP_KEYS = ("ss_training_started_at", "ss_training_finished_at")
+SIDECAR_LIMIT = 1 << 20  # sidecar JSON files larger than this are not read
+# sidecar files other tools write beside a LoRA: (suffix replacing ".safetensors", JSON field)
+TRIGGER_SIDECARS = ((".civitai.info", "trainedWords"),  # Civitai Helper: the model page's words
+                    (".json", "activation text"))       # A1111's per-LoRA user metadata
+
+
+def tag_frequency(metadata: Mapping[str, str]) -> list[tuple[str, int]]:
+    """(tag, count) of kohya's `ss_tag_frequency`, summed over dataset folders, most frequent
+    first (ties by name)."""
+    raw = metadata.get("ss_tag_frequency")
+    if not raw:
+        return []
+    counts: Counter = Counter()
+    for tags in parse_json(raw).values():
+        for tag, n in tags.items():
+            if tag.strip():
+                counts[tag.strip()] += int(n)
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def _phrases(value: Any) -> list[str]:
+    """A comma-separated string or a list of them, as stripped non-empty phrases."""
+    items = value if isinstance(value, list) else [value]
+    return [p.strip() for item in items if isinstance(item, str) for p in item.split(",") if p.strip()]
+
+
+def sidecar_triggers(path: str) -> list[str]:
+    """Trigger words from files beside the adapter (Civitai Helper `.civitai.info`, A1111 `.json`)."""
+    stem = path[: -len(".safetensors")] if path.endswith(".safetensors") else os.path.splitext(path)[0]
+    words: list[str] = []
+    for suffix, field in TRIGGER_SIDECARS:
+        side = stem + suffix
+        try:
+            if not os.path.isfile(side) or os.path.getsize(side) > SIDECAR_LIMIT:
+                continue
+            with open(side, encoding="utf-8") as f:
+                data = parse_json(f.read())
+        except (OSError, ValueError):
+            continue  # a broken sidecar is someone else's file: not a problem of the adapter
+        if isinstance(data, dict):
+            words += _phrases(data.get(field))
+    return words
+
+
+def collected_trigger_words(path: str, metadata: Mapping[str, str], limit: int = 10
+                            ) -> list[dict[str, Any]]:
+    """Trigger words with their source, declared ones first (`modelspec.trigger_phrase`,
+    sidecar files), then the most frequent training tags; duplicates dropped, at most `limit`."""
+    found = [{"word": w, "source": "modelspec.trigger_phrase"}
+             for w in _phrases(metadata.get("modelspec.trigger_phrase"))]
+    found += [{"word": w, "source": "sidecar"} for w in sidecar_triggers(path)]
+    try:
+        found += [{"word": t, "source": "ss_tag_frequency", "count": n}
+                  for t, n in tag_frequency(metadata)]
+    except (ValueError, TypeError, AttributeError, ArithmeticError):
+        pass  # reported by inspect's own problems
+    seen: set[str] = set()
+    out = []
+    for item in found:
+        if item["word"].lower() not in seen:
+            seen.add(item["word"].lower())
+            out.append(item)
+    return out[:limit]
+
+
+def _argument_value(key: str, value: str) -> Any:
+    if key == "ss_network_args":
+        try:
+            return parse_json(value)
+        except ValueError:
+            return value
+    return value
+
+
+def training_arguments(metadata: Mapping[str, str]) -> dict[str, Any]:
+    """The kohya training arguments of TRAINING_ARGUMENTS present in the metadata (network args
+    decoded from JSON), in that order."""
+    return {key: _argument_value(key, metadata[key]) for key, _ in TRAINING_ARGUMENTS
+            if metadata.get(key) not in (None, "", "None")}
+
+
+def info_file(path: str | os.PathLike, *, triggers: int = 10, hash_progress=None) -> dict[str, Any]:
+    """The `inspect` report plus hashes, training arguments and trigger words with sources."""
+    path = os.fspath(path)
+    report = inspect_file(path)
+    metadata = {**report["training_metadata"], **report["other_metadata"]}
+    hashes = hash_file(path, hash_progress).as_dict()
+    said = metadata.get("sshs_model_hash")
+    report["hashes"] = hashes
+    report["hash_check"] = None if not said else {
+        "sshs_model_hash": said, "matches": said.lower() == (hashes["data_sha256"] or "")}
+    report["training_arguments"] = training_arguments(metadata)
+    words = collected_trigger_words(path, metadata, triggers)
+    report["trigger_words"] = [w["word"] for w in words]
+    report["trigger_sources"] = words
+    return report
+
+
+def _argument_text(key: str, value: Any) -> str:
+    if key in TIMESTAMP_KEYS:
+        try:
+            stamp = datetime.datetime.fromtimestamp(float(value), datetime.timezone.utc)
+            return stamp.strftime("%Y-%m-%d %H:%M:%S UTC")
+        except (ValueError, OverflowError, OSError):
+            return str(value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
+def format_info(report: Mapping[str, Any]) -> str:
+    """The info report as text: hashes and trigger words first (what users copy), then inspect's
+    report with the training arguments in place of the raw metadata."""
+    hashes = report["hashes"]
+    lines = [f"File: {report['file']}",
+             f"AutoV2: {hashes['autov2'].upper()}    sha256: {hashes['sha256']}",
+             f"AutoV1: {hashes['autov1']}"
+             + (" (file under 1 MiB: the hash of nothing)" if report["file_bytes"] <= 0x100000 else "")
+             + "    AutoV3 / A1111 LoRA hash: "
+             f"{(hashes['autov3'] or 'n/a')}    data sha256: {hashes['data_sha256'] or 'n/a'}"]
+    check = report["hash_check"]
+    if check:
+        lines.append("sshs_model_hash in metadata: " + ("matches the data" if check["matches"] else
+                     "STALE (does not match the data; A1111-style UIs will show a wrong hash)"))
+    words = report["trigger_sources"]
+    lines.append("Trigger words: " + (", ".join(w["word"] for w in words) if words else "none"))
+    for w in words:
+        lines.append(f"  {w['word']}  ({w['source']}" + (f", {w['count']}x" if "count" in w else "") + ")")
+    args = report["training_arguments"]
+    labels = dict(TRAINING_ARGUMENTS)
+    lines += ["", "Training arguments:" if args else "Training arguments: none"]
+    width = max((len(labels[k]) for k in args), default=0)
+    for key, value in args.items():
+        lines.append(f"  {labels[key].ljust(width)}  {_short(_argument_text(key, value))}")
+    lines.append("")
+    body = format_report({**report, "training_metadata": {}, "other_metadata": {}})
+    for line in body.splitlines()[1:]:
+        if line.startswith(("Training metadata", "Trigger words")) or (not line and not lines[-1]):
+            continue
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def run_info(path: str | None, *, as_json: bool, out: TextIO, err: TextIO, triggers: int = 10,
+             hash_progress=None) -> int:
+    """The `info` command: print the full report; 0 on success, 1 when the file cannot be read."""
+    path = path or EXAMPLE_FILE
+    try:
+        report = info_file(path, triggers=triggers, hash_progress=hash_progress)
+    except LycorisError as exc:
+        message = " ".join(str(exc).split())
+        print(f"lycoris_core info: error: {message if exc.file else f'{path}: {message}'}", file=err)
+        return 1
+    except OSError as exc:
+        print(f"lycoris_core info: error: {path}: {exc.strerror or exc}", file=err)
+        return 1
+    print(json.dumps(report, indent=2, ensure_ascii=False) if as_json else format_info(report), file=out)
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import comfy.utils
@@ -29,6 +29,7 @@ class _Planned:
     strength: float
     method: str  # "merge" | "bypass"
     with_bias: bool  # merge: also patch the bias key
+    schedule: object = None  # bypassed model targets of a scheduled item: StrengthSchedule
 
 
 def _label(adapters) -> str:
@@ -90,8 +91,27 @@ def _method(mode: str, target: Target, root) -> tuple[str, str | None]:
     return "bypass", reason
 
 
-def _plan(resolution, roots: dict, strengths: dict, mode: str, block_weights):
-    """Validate every target and choose its method; raise before anything is patched."""
+def _scheduled_method(method: str, reason: str | None, target: Target, root) -> tuple[str, str | None]:
+    """A schedule changes strength per step, which only bypass can do: scheduled targets are
+    bypassed; one that cannot be is merged at its plain strength, and the report says so."""
+    if method == "bypass":
+        return method, reason
+    unsupported = bypass_unsupported(target, root)
+    if unsupported:
+        return "merge", f"merged without schedule: cannot bypass ({unsupported})"
+    return "bypass", "scheduled: bypassed"
+
+
+def _range_strengths(strength: float, schedule) -> list[float]:
+    """The strengths a module's change must fit: a schedule's curve stays between its two ends."""
+    if schedule is None:
+        return [strength]
+    return [strength * s for s in {schedule.start_strength, schedule.end_strength} if s != 0]
+
+
+def _plan(resolution, roots: dict, strengths: dict, mode: str, block_weights, schedule=None):
+    """Validate every target and choose its method; raise before anything is patched.
+    `schedule` applies to model targets only (text encoding is not stepped)."""
     plan: list[_Planned] = []
     errors: list[str] = []
     overflows: list[str] = []
@@ -120,9 +140,15 @@ def _plan(resolution, roots: dict, strengths: dict, mode: str, block_weights):
             errors.append(f"{target.name}: {exc.reason}")
             continue
         method, reason = _method(mode, target, roots[target.part])
+        scheduled = schedule if target.part == MODEL else None
+        if scheduled is not None:
+            method, reason = _scheduled_method(method, reason, target, roots[target.part])
+            scheduled = scheduled if method == "bypass" else None
         try:
-            target.adapter.check_range(_range_dtype(roots[target.part], target.key, method), strength,
-                                       _range_weight(target, roots[target.part], weight))
+            dtype = _range_dtype(roots[target.part], target.key, method)
+            range_weight = _range_weight(target, roots[target.part], weight)
+            for s in _range_strengths(strength, scheduled):
+                target.adapter.check_range(dtype, s, range_weight)
         except LycorisOverflowError as exc:
             overflows.append(f"{target.name}: {exc.reason}")
             continue
@@ -130,7 +156,7 @@ def _plan(resolution, roots: dict, strengths: dict, mode: str, block_weights):
             notes[(target.part, reason)] += 1
         if note and method == "merge":
             notes[(target.part, note)] += 1
-        plan.append(_Planned(target, strength, method, with_bias and method == "merge"))
+        plan.append(_Planned(target, strength, method, with_bias and method == "merge", scheduled))
     return plan, errors, overflows, notes, zero
 
 
@@ -172,64 +198,122 @@ def _raise_errors(label: str, errors: list[str], overflows: list[str], total: in
                                file=label)
 
 
-def apply_lycoris(model, clip, adapters: Mapping, strength_model: float, strength_clip: float,
-                  mode: str = "auto", block_weights=None):
-    """Apply adapters (name -> Adapter) to clones of `model` / `clip`; returns (model, clip, report).
+@dataclass(frozen=True)
+class StackItem:
+    """One adapter file of a stack with its settings (see `apply_lycoris` for their meaning)."""
 
-    `mode`: "merge" patches weights at load time through the host, "bypass" runs the adapters
-    beside the untouched layers, "auto" merges where exact and bypasses quantised layers.
-    `block_weights`: None or an object with `strength(module_name, model_key) -> float`, a
-    per-module multiplier on the part's strength. Every target is validated before any patch is
-    added; a mismatch raises and leaves the inputs untouched.
-    """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-    label = _label(adapters)
-    strengths = {MODEL: float(strength_model) if model is not None else 0.0,
-                 CLIP: float(strength_clip) if clip is not None else 0.0}
-    algos = Counter(getattr(a, "algo", type(a).__name__) for a in adapters.values())
-    keymap = KeyMap(model, clip)
-    resolution = keymap.resolve(adapters)
-    roots = {}
-    if model is not None:
-        roots[MODEL] = model.model
-    if clip is not None:
-        roots[CLIP] = clip.patcher.model
-    plan, errors, overflows, notes, zero = _plan(resolution, roots, strengths, mode, block_weights)
+    adapters: Mapping
+    strength_model: float
+    strength_clip: float
+    mode: str = "auto"
+    block_weights: object = None
+    schedule: object = None  # StrengthSchedule of the model strength over sampling steps, or None
+
+
+@dataclass
+class _ItemPlan:
+    item: StackItem
+    label: str
+    strengths: dict
+    resolution: object
+    plan: list
+    notes: Counter
+    zero: int
+
+
+def _plan_item(item: StackItem, keymap: KeyMap, roots: dict, model, clip) -> _ItemPlan:
+    """Resolve and validate one item; raise (naming its file) before anything is patched."""
+    if item.mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {item.mode!r}")
+    label = _label(item.adapters)
+    strengths = {MODEL: float(item.strength_model) if model is not None else 0.0,
+                 CLIP: float(item.strength_clip) if clip is not None else 0.0}
+    resolution = keymap.resolve(item.adapters)
+    plan, errors, overflows, notes, zero = _plan(resolution, roots, strengths, item.mode,
+                                                 item.block_weights, item.schedule)
     if errors or overflows:
         _raise_errors(label, errors, overflows, len(resolution.targets))
     if not resolution.targets and resolution.unmatched:
         raise LycorisError("no module of this file matches the model (file made for another "
                            f"model?); {len(resolution.unmatched)} unmatched:\n"
                            + "\n".join(grouped(resolution.unmatched)), file=label)
+    return _ItemPlan(item, label, strengths, resolution, plan, notes, zero)
 
-    out = {MODEL: model, CLIP: clip}
+
+def _report(planned: _ItemPlan, originals: dict, methods: dict) -> str:
     part_lines = []
-    for part, original in ((MODEL, model), (CLIP, clip)):
-        items = [p for p in plan if p.target.part == part]
-        if original is None or strengths[part] == 0:
+    for part, original in originals.items():
+        if original is None or planned.strengths[part] == 0:
             continue
-        methods: Counter = Counter()
-        if items:
-            new = original.clone()
-            patcher = new if part == MODEL else new.patcher
-            merges = [(p.target, p.strength, p.with_bias) for p in items if p.method == "merge"]
-            bypasses = [(p.target, p.strength) for p in items if p.method == "bypass"]
-            if merges:
-                add_merge_patches(patcher, merges, part)
-            if bypasses:
-                add_bypass(patcher, bypasses)
-            methods.update(merged=len(merges), bypassed=len(bypasses))
-            out[part] = new
-        reasons = Counter({note: n for (p, note), n in notes.items() if p == part})
-        part_lines.append(part_line(part, strengths[part], methods, reasons))
-
-    problems = list(getattr(adapters, "problems", []) or [])
-    report = build_report(label, algos, part_lines, unmatched=resolution.unmatched,
-                          text_encoder_skipped=resolution.text_encoder_skipped, zero_strength=zero,
-                          problems=problems, converted_keys=getattr(adapters, "converted_keys", 0))
+        reasons = Counter({note: n for (p, note), n in planned.notes.items() if p == part})
+        part_lines.append(part_line(part, planned.strengths[part], methods[part], reasons))
+        if part == MODEL and planned.item.schedule is not None:
+            part_lines.append(f"{part} strength schedule: {planned.item.schedule.describe()}")
+    adapters = planned.item.adapters
+    algos = Counter(getattr(a, "algo", type(a).__name__) for a in adapters.values())
+    resolution = planned.resolution
+    report = build_report(planned.label, algos, part_lines, unmatched=resolution.unmatched,
+                          text_encoder_skipped=resolution.text_encoder_skipped,
+                          zero_strength=planned.zero,
+                          problems=list(getattr(adapters, "problems", []) or []),
+                          converted_keys=getattr(adapters, "converted_keys", 0))
     if resolution.unmatched:
         log.warning("%s", report)
     else:
         log.info("%s", report)
+    return report
+
+
+def apply_stack(model, clip, items: Sequence[StackItem]):
+    """Apply several adapter files to one clone of `model` / `clip` in one patch pass; returns
+    (model, clip, report). The result equals chaining one `apply_lycoris` per item in order:
+    merge patches go to the host in item order, bypass entries stack in item order. Every item
+    is validated before any patch is added; a mismatch raises and leaves the inputs untouched."""
+    keymap = KeyMap(model, clip)
+    roots = {}
+    if model is not None:
+        roots[MODEL] = model.model
+    if clip is not None:
+        roots[CLIP] = clip.patcher.model
+    planned = [_plan_item(item, keymap, roots, model, clip) for item in items]
+
+    originals = {MODEL: model, CLIP: clip}
+    out = dict(originals)
+    counts = [{MODEL: Counter(), CLIP: Counter()} for _ in planned]
+    for part, original in originals.items():
+        merges, bypasses = [], []
+        for i, p in enumerate(planned):
+            if original is None or p.strengths[part] == 0:
+                continue
+            items_here = [x for x in p.plan if x.target.part == part]
+            merged = [(x.target, x.strength, x.with_bias) for x in items_here if x.method == "merge"]
+            bypassed = [(x.target, x.strength, x.schedule) for x in items_here if x.method == "bypass"]
+            merges += merged
+            bypasses += bypassed
+            counts[i][part].update(merged=len(merged), bypassed=len(bypassed))
+        if not (merges or bypasses):
+            continue
+        new = original.clone()
+        patcher = new if part == MODEL else new.patcher
+        if merges:
+            add_merge_patches(patcher, merges, part)
+        if bypasses:
+            add_bypass(patcher, bypasses)
+        out[part] = new
+    report = "\n".join(_report(p, originals, c) for p, c in zip(planned, counts))
     return out[MODEL], out[CLIP], report
+
+
+def apply_lycoris(model, clip, adapters: Mapping, strength_model: float, strength_clip: float,
+                  mode: str = "auto", block_weights=None, schedule=None):
+    """Apply adapters (name -> Adapter) to clones of `model` / `clip`; returns (model, clip, report).
+
+    `mode`: "merge" patches weights at load time through the host, "bypass" runs the adapters
+    beside the untouched layers, "auto" merges where exact and bypasses quantised layers.
+    `block_weights`: None or an object with `strength(module_name, model_key) -> float`, a
+    per-module multiplier on the part's strength. `schedule`: None or a StrengthSchedule, the
+    model strength over the sampling steps (scheduled targets are bypassed). Every target is
+    validated before any patch is added; a mismatch raises and leaves the inputs untouched.
+    """
+    return apply_stack(model, clip, [StackItem(adapters, strength_model, strength_clip, mode,
+                                               block_weights, schedule)])

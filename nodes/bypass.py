@@ -21,6 +21,7 @@ from comfy.patcher_extension import PatcherInjection
 from ..lycoris_core import LayerSpec
 from .host_compat import (cast_bias, dequantiser, dequantiser_for,  # noqa: F401 - re-exported
                           storage_reason, weight_is_cast_per_forward)
+from .schedule import add_step_wrapper, current_percent
 
 INJECTION_KEY = "lycoris_bypass"
 ATTACHMENT_KEY = "lycoris_bypass"
@@ -32,6 +33,7 @@ class BypassEntry:
     strength: float
     offset: tuple[int, int, int] | None  # output rows (dim 0) of a fused weight, or None
     name: str
+    schedule: object = None  # StrengthSchedule: strength multiplier per sampling percent, or None
 
 
 class BypassRegistry:
@@ -143,6 +145,17 @@ class BypassForward:
         # lowvram / dynamic VRAM: the stored bias may miss other loaders' patches or not be loaded
         self.reads_cast_bias = weight_is_cast_per_forward(module) and any(
             e.adapter.depends_on_weight for e in entries)
+        self.scheduled = any(e.schedule is not None for e in entries)
+
+    def _entries_now(self) -> tuple[BypassEntry, ...]:
+        """The entries at this step's strengths: scheduled ones scaled, those at 0 left out."""
+        percent = current_percent() if self.scheduled else None
+        if percent is None:
+            return self.entries
+        now = (e if e.schedule is None else
+               dataclasses.replace(e, strength=e.strength * e.schedule.factor(percent))
+               for e in self.entries)
+        return tuple(e for e in now if e.strength != 0)
 
     def _base(self):
         if self.original is not None:
@@ -151,7 +164,8 @@ class BypassForward:
 
     def __call__(self, x, *args, **kwargs):
         base = self._base()
-        if not self.active:
+        entries = self._entries_now() if self.active else ()
+        if not entries:
             return base(x, *args, **kwargs)
 
         def fwd(t):
@@ -161,9 +175,9 @@ class BypassForward:
         layer.dequantise = self.dequantise
         if self.reads_cast_bias:
             layer.bias = cast_bias(self.module, x.device)
-        for i, entry in enumerate(self.entries):
+        for i, entry in enumerate(entries):
             reads_weight = i > 0 and entry.adapter.depends_on_weight
-            fwd = _stage(entry, fwd, _after(layer, self.entries[:i]) if reads_weight else layer)
+            fwd = _stage(entry, fwd, _after(layer, entries[:i]) if reads_weight else layer)
         return fwd(x)
 
     def install(self) -> None:
@@ -204,9 +218,13 @@ def _inject(patcher) -> None:
 
 
 def add_bypass(patcher, items: Iterable[tuple]) -> int:
-    """Stack `(target, strength)` items onto a (cloned) ModelPatcher's bypass registry."""
+    """Stack `(target, strength)` or `(target, strength, schedule)` items onto a (cloned)
+    ModelPatcher's bypass registry."""
     registry = patcher.get_attachment(ATTACHMENT_KEY) or BypassRegistry()
-    entries = [(t.module_path, BypassEntry(t.adapter, s, t.offset, t.name)) for t, s in items]
+    entries = [(t.module_path, BypassEntry(t.adapter, s, t.offset, t.name, *rest))
+               for t, s, *rest in items]
+    if any(entry.schedule is not None for _, entry in entries):
+        add_step_wrapper(patcher)
     patcher.set_attachments(ATTACHMENT_KEY, registry.with_entries(entries))
     patcher.set_injections(INJECTION_KEY, [PatcherInjection(inject=_inject, eject=_eject)])
     return len(entries)

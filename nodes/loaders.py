@@ -8,6 +8,7 @@ import folder_paths
 from .host_compat import read_adapters
 from .apply import MODES, apply_lycoris
 from .report import show_on_node
+from .schedule import SCHEDULE_TYPE
 
 CATEGORY = "loaders/lycoris"
 BLOCK_WEIGHTS_TYPE = "LYCORIS_BLOCK_WEIGHTS"
@@ -20,10 +21,13 @@ MODE_TOOLTIP = ("auto: merge into the weights where that is exact, run beside qu
 FILE_TOOLTIP = ("A LyCORIS/LoRA file from the loras folder: LoRA/LoCon, LoHa, LoKr, (IA)^3, GLoRA, "
                 "Diag-OFT, BOFT, full/diff, norms, DoRA, mixed files.")
 BLOCK_TOOLTIP = "Optional per-block strengths (from a LyCORIS block-weights node); multiply the strengths."
+SCHEDULE_TOOLTIP = ("Optional strength over the sampling steps (from a LyCORIS Strength Schedule "
+                    "node) for the diffusion model; scheduled layers run in bypass.")
 REPORT_TOOLTIP = "What was applied where, what was skipped and why (unmatched keys are listed here)."
 
 
-def _file_signature(path: str) -> tuple:
+def file_signature(path: str) -> tuple:
+    """What changes when a file of the loras folder is rewritten: its path, mtime and size."""
     st = os.stat(path)
     return (path, st.st_mtime_ns, st.st_size)
 
@@ -59,6 +63,7 @@ class LoadLycoris:
             },
             "optional": {
                 "block_weights": (BLOCK_WEIGHTS_TYPE, {"tooltip": BLOCK_TOOLTIP}),
+                "schedule": (SCHEDULE_TYPE, {"tooltip": SCHEDULE_TOOLTIP}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -66,25 +71,25 @@ class LoadLycoris:
     @classmethod
     def IS_CHANGED(cls, lycoris_name, **kwargs):
         path = folder_paths.get_full_path("loras", lycoris_name)
-        return _file_signature(path) if path else lycoris_name
+        return file_signature(path) if path else lycoris_name
 
     def adapters(self, lycoris_name: str):
         """The parsed file, cached on the node while it does not change on disk."""
         path = folder_paths.get_full_path_or_raise("loras", lycoris_name)
-        signature = _file_signature(path)
+        signature = file_signature(path)
         if self._loaded is None or self._loaded[0] != signature:
             self._loaded = None
             self._loaded = (signature, read_adapters(path))
         return self._loaded[1]
 
     def load(self, model, clip, lycoris_name, strength_model, strength_clip, mode="auto",
-             block_weights=None, unique_id=None):
+             block_weights=None, schedule=None, unique_id=None):
         if strength_model == 0 and strength_clip == 0:
             report = f"LyCORIS {lycoris_name}: both strengths are 0, nothing applied"
             return {"ui": {"text": [report]}, "result": (model, clip, report)}
         adapters = self.adapters(lycoris_name)
         model, clip, report = apply_lycoris(model, clip, adapters, strength_model, strength_clip,
-                                            mode, block_weights)
+                                            mode, block_weights, schedule)
         show_on_node(report, unique_id)
         return {"ui": {"text": [report]}, "result": (model, clip, report)}
 
@@ -107,8 +112,9 @@ class LoadLycorisModelOnly(LoadLycoris):
         return types
 
     def load_model_only(self, model, lycoris_name, strength_model, mode="auto", block_weights=None,
-                        unique_id=None):
-        out = self.load(model, None, lycoris_name, strength_model, 0.0, mode, block_weights, unique_id)
+                        schedule=None, unique_id=None):
+        out = self.load(model, None, lycoris_name, strength_model, 0.0, mode, block_weights, schedule,
+                        unique_id)
         model, _, report = out["result"]
         return {"ui": out["ui"], "result": (model, report)}
 
