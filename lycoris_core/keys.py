@@ -15,6 +15,8 @@ ALIASES: dict[str, str] = {
     "lora_linear_layer.up.weight": "lora_up.weight",
     "lora_magnitude_vector": "dora_scale", "lora_magnitude_vector.weight": "dora_scale",
     "lora_magnitude_vector.default.weight": "dora_scale",
+    # XLabs Flux processors (`double_blocks.0.processor.qkv_lora1.down.weight`)
+    "down.weight": "lora_down.weight", "up.weight": "lora_up.weight",
 }
 # old diffusers attention processors glue the suffix on with "_" (…processor.to_q_lora.up.weight)
 GLUED_ALIASES: dict[str, str] = {"_lora.down.weight": "lora_down.weight",

@@ -1,6 +1,7 @@
 """Diffusers module paths -> the original (native) layout, for families whose host key maps miss
 diffusers names (Wan, HunyuanVideo, Lumina 2, Flux.2, Chroma's approximator): diffusers/SimpleTuner
-files say `blocks.0.attn1.to_q`, ComfyUI's Wan says `blocks.0.self_attn.q`.
+files say `blocks.0.attn1.to_q`, ComfyUI's Wan says `blocks.0.self_attn.q`. Likewise XLabs' Flux
+processor names, and the module paths of text encoders as trainers write them.
 
 Rules are data, on the normalised path (trainer prefix removed, `_`-joined, lower case) that the key
 map indexes. A rule may name a piece of a fused native weight (diffusers' separate q, k, v are rows
@@ -117,6 +118,18 @@ RULES: dict[str, list[tuple[re.Pattern, str, str | None, int, bool]]] = {
         (r"^transformer_blocks_(\d+)_ff_context_linear_in$", r"double_blocks_\1_txt_mlp_0"),
         (r"^transformer_blocks_(\d+)_ff_context_linear_out$", r"double_blocks_\1_txt_mlp_2"),
     ),
+    # XLabs (x-flux) LoRA processors on Flux: `double_blocks.0.processor.qkv_lora1` is the image
+    # stream's qkv, `...2` the text stream's; a single block's `qkv_lora` is the qkv rows of linear1
+    # (the host names that piece `linear1_qkv`), its `proj_lora` all of linear2. A single block's
+    # `qkv_lora.down.weight` reads as the old glued diffusers suffix, so module `processor.qkv`.
+    "xlabs_flux": _rules(
+        (r"^double_blocks_(\d+)_processor_qkv_lora1$", r"double_blocks_\1_img_attn_qkv"),
+        (r"^double_blocks_(\d+)_processor_qkv_lora2$", r"double_blocks_\1_txt_attn_qkv"),
+        (r"^double_blocks_(\d+)_processor_proj_lora1$", r"double_blocks_\1_img_attn_proj"),
+        (r"^double_blocks_(\d+)_processor_proj_lora2$", r"double_blocks_\1_txt_attn_proj"),
+        (r"^single_blocks_(\d+)_processor_qkv(?:_lora)?$", r"single_blocks_\1_linear1_qkv"),
+        (r"^single_blocks_(\d+)_processor_proj(?:_lora)?$", r"single_blocks_\1_linear2"),
+    ),
     "chroma": _rules(
         (r"^distilled_guidance_layer_layers_(\d+)_linear_1$", r"distilled_guidance_layer_layers_\1_in_layer"),
         (r"^distilled_guidance_layer_layers_(\d+)_linear_2$", r"distilled_guidance_layer_layers_\1_out_layer"),
@@ -155,6 +168,34 @@ def piece_offset(layout: str, index: int, shape: tuple[int, ...]) -> tuple[int, 
     if sizes is None:
         return None
     return 0, sum(sizes[:index]), sizes[index]
+
+
+# trainer prefixes in front of a text encoder's own module path: PEFT's saved adapters
+# (`base_model.model.`), kohya sd-scripts (`lora_te_`, `lora_te1_`), diffusers parts, ComfyUI's own
+_TE_FILE_PREFIX = re.compile(r"^(?:base_model\.model\.|lora_te\d*_|text_encoders?(?:_\d)?\.)")
+# roots of an LLM's decoder stack that tools keep or drop: transformers' `model.` of a *ForCausalLM /
+# *ForConditionalGeneration, `language_model.` of a vision-language model (Qwen2.5-VL), the host's `model.`
+_TE_ROOTS = re.compile(r"^(?:model_|language_model_)+")
+_HOST_TE_ROOT = re.compile(r"^[^.]+\.transformer\.")
+
+
+def text_encoder_path(name: str) -> str | None:
+    """The normalised module path of a text-encoder file name (`lora_te_layers_0_self_attn_q_proj`,
+    `base_model.model.model.language_model.layers.0.mlp.up_proj` -> `layers_0_...`), or None when
+    the name has no text-encoder prefix."""
+    prefix = _TE_FILE_PREFIX.match(name)
+    if prefix is None:
+        return None
+    return _TE_ROOTS.sub("", name[prefix.end():].replace(".", "_").lower())
+
+
+def host_text_encoder_path(key: str) -> str | None:
+    """The same normalised path of a host text-encoder weight (`gemma2_2b.transformer.model.layers.0.
+    self_attn.q_proj.weight` -> `layers_0_self_attn_q_proj`), or None for other keys."""
+    root = _HOST_TE_ROOT.match(key)
+    if root is None or not key.endswith(".weight"):
+        return None
+    return _TE_ROOTS.sub("", key[root.end():-len(".weight")].replace(".", "_").lower())
 
 
 def swap_halves(change: torch.Tensor) -> torch.Tensor:

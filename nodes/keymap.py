@@ -5,7 +5,10 @@ offsets into fused weights and transform functions. Names it misses (`lycoris_`/
 prefixes on DiTs, peft `base_model.model.` paths, any other trainer prefix in front of a module path
 the host knows) are looked up by their normalised path (prefix stripped, `.` -> `_`, lower case),
 indexed from the host's own diffusion-model keys; diffusers paths of families the host knows only
-natively (Wan) are tried in their native spelling (`lycoris_core.native_names`).
+natively (Wan) are tried in their native spelling (`lycoris_core.native_names`). Text-encoder names
+the host maps only as `text_encoders.<key>` (the LLM encoders: Qwen2.5-VL, Gemma 2, Qwen3, Llama) are
+looked up by their module path below the decoder's root, as kohya (`lora_te_layers_0_...`) and PEFT
+(`base_model.model.model.layers.0...`) name them.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ import comfy.lora
 import comfy.utils
 
 from ..lycoris_core.blocks.names import is_text_encoder, unet_path
-from ..lycoris_core.native_names import native_candidates, piece_offset, swap_halves
+from ..lycoris_core.native_names import (host_text_encoder_path, native_candidates, piece_offset, swap_halves,
+                                         text_encoder_path)
 
 MODEL = "model"
 CLIP = "clip"
@@ -96,6 +100,7 @@ class KeyMap:
         self._normalised = self._index(self.unet)
         self._clip_keys = set(clip.cond_stage_model.state_dict()) if clip is not None else set()
         self._te_roots = self._text_encoder_roots(self.clip)
+        self._te_paths = self._text_encoder_index(self._clip_keys)
 
     @staticmethod
     def _index(key_map: Mapping[str, Any]) -> dict[str, Any]:
@@ -125,6 +130,22 @@ class KeyMap:
             if part.startswith("text_encoder") and rest and key and key.endswith(f".{rest}.weight"):
                 roots.setdefault(part + ".", key[: -len(f"{rest}.weight")])
         return roots
+
+    @staticmethod
+    def _text_encoder_index(keys) -> dict[str, str]:
+        """normalised module path -> host text-encoder weight; paths two encoders share are left out."""
+        index: dict[str, str] = {}
+        ambiguous: set[str] = set()
+        for key in keys:
+            path = host_text_encoder_path(key)
+            if path is None:
+                continue
+            if path in index:
+                ambiguous.add(path)
+            index.setdefault(path, key)
+        for path in ambiguous:
+            index.pop(path)
+        return index
 
     def _text_encoder_key(self, name: str) -> str | None:
         """A text-encoder name the host map lacks: transformers 5 saves CLIPTextModel without its
@@ -163,6 +184,10 @@ class KeyMap:
                 value = self._native_value(rename)
                 if value is not None:
                     return MODEL, value
+        if self.has_clip:
+            key = self._te_paths.get(text_encoder_path(name) or "")
+            if key is not None:
+                return CLIP, key
         return None
 
     def _native_value(self, rename) -> Any:

@@ -1,5 +1,5 @@
 """Model families users run now (SDXL, SD3.5, Flux.1/2, Chroma, Wan, HunyuanVideo, Qwen-Image,
-Lumina 2, Z-Image), each a tiny random-weight model built from the host's own classes
+Lumina 2, Z-Image, HiDream), each a tiny random-weight model built from the host's own classes
 (tests/host/dit.py), with the adapter files their trainers write:
 
 - diffusers / PEFT files, written by PEFT and the family's diffusers pipeline on a diffusers twin of
@@ -15,67 +15,20 @@ fused slice; lycoris-lora's own merged weight for every algorithm on a slice.
 """
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 from safetensors.torch import load_file as read_safetensors
 from safetensors.torch import save_file
 
 from host import dit, peft_files
-from host.helpers import load, module_at, module_outputs, pack_module, rel_err, unload_all
+from host.dit_checks import assert_bypass_equals_merge, changed_keys, core, merged_weights, ours, tiny
+from host.helpers import load, module_at, pack_module, rel_err, unload_all
 
 STRENGTHS = (1.0, 0.5, 0.0, -0.5)
 FP32_TOL = 1e-5
 
 
 pytestmark = pytest.mark.usefixtures("quiet_and_unloaded")
-
-
-_MODELS: dict = {}
-
-
-def tiny(family: str):
-    """The tiny host model of `family`, built once per test process."""
-    if family not in _MODELS:
-        _MODELS[family] = dit.load(family)
-    return _MODELS[family]
-
-
-def merged_weights(model) -> dict[str, torch.Tensor]:
-    """Every weight of the diffusion model as patched for use (loaded through the host)."""
-    load(model)
-    return {k: v.detach().float().clone() for k, v in model.model.diffusion_model.state_dict().items()}
-
-
-def core(model, tensors: dict, strength: float):
-    """ComfyUI core's LoRA loader on the same tensors, and the file keys it left out."""
-    import comfy.sd
-
-    left_out = []
-
-    class Catch(logging.Handler):
-        def emit(self, record):
-            message = record.getMessage()
-            if message.startswith("lora key not loaded"):
-                left_out.append(message.split(":", 1)[1].strip())
-
-    handler = Catch()
-    logging.getLogger().addHandler(handler)
-    try:
-        patched = comfy.sd.load_lora_for_models(model, None, dict(tensors), strength, 0.0)[0]
-    finally:
-        logging.getLogger().removeHandler(handler)
-    return patched, left_out
-
-
-def ours(model, path: str, strength: float, mode: str):
-    adapters = pack_module("nodes.host_compat").read_adapters(path)
-    return pack_module("nodes.apply").apply_lycoris(model, None, adapters, strength, 0.0, mode)
-
-
-def changed_keys(base: dict, patched: dict) -> list[str]:
-    return [k for k in base if not torch.equal(base[k], patched[k])]
 
 
 def targets_of(model, path: str):
@@ -128,29 +81,7 @@ def assert_peft_file_merges(model, twin, path: str, compare_core: bool = True) -
     return report_at_1
 
 
-def assert_bypass_equals_merge(model, path: str, strength: float = 0.8) -> None:
-    """Bypass gives every patched layer the output our merge gives it."""
-    base = merged_weights(model)
-    merged_model, _, _ = ours(model, path, strength, "merge")
-    touched = ["diffusion_model." + k for k in changed_keys(base, merged_weights(merged_model))
-               if k.endswith(".weight")]
-    assert touched
-    want = module_outputs(merged_model, None, touched)
-    unload_all()
-    bypassed, _, report = ours(model, path, strength, "bypass")
-    have = module_outputs(load_and(bypassed), None, touched)
-    for key in touched:
-        assert rel_err(have[key], want[key]) < FP32_TOL, f"{key}\n{report}"
-    assert merged_weights(bypassed).keys() == base.keys()
-    unload_all()
-
-
-def load_and(model):
-    load(model)
-    return model
-
-
-@pytest.mark.parametrize("family", dit.FAMILY_NAMES)
+@pytest.mark.parametrize("family", dit.ALL_FAMILY_NAMES)
 def test_the_host_builds_and_detects_each_tiny_family(family):
     model = tiny(family)
     assert type(model.model.model_config).__name__.startswith(dit.FAMILIES[family].detects_as)
@@ -159,7 +90,7 @@ def test_the_host_builds_and_detects_each_tiny_family(family):
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
-@pytest.mark.parametrize("family", dit.FAMILY_NAMES)
+@pytest.mark.parametrize("family", dit.ALL_FAMILY_NAMES)
 def test_peft_diffusers_files_merge_exactly(family, tmp_path):
     """A LoRA on every Linear (and Conv) of the diffusers twin, saved by diffusers: each lands with
     PEFT's own delta at strengths 1, 0.5, 0 and -0.5, agreeing with core wherever core patches."""
@@ -170,7 +101,7 @@ def test_peft_diffusers_files_merge_exactly(family, tmp_path):
     assert "merged" in report
 
 
-@pytest.mark.parametrize("family", dit.FAMILY_NAMES)
+@pytest.mark.parametrize("family", dit.ALL_FAMILY_NAMES)
 def test_peft_diffusers_files_bypass_like_merge(family, tmp_path):
     model = tiny(family)
     path = str(tmp_path / f"{family}_peft.safetensors")
@@ -178,7 +109,7 @@ def test_peft_diffusers_files_bypass_like_merge(family, tmp_path):
     assert_bypass_equals_merge(model, path)
 
 
-@pytest.mark.parametrize("family", dit.FAMILY_NAMES)
+@pytest.mark.parametrize("family", dit.ALL_FAMILY_NAMES)
 def test_every_module_of_a_peft_file_lands(family, tmp_path):
     """No module of a PEFT LoRA on every Linear of the diffusers model is left out."""
     path = str(tmp_path / f"{family}_all.safetensors")
@@ -279,12 +210,14 @@ def expected_blocks(family: str) -> set[str]:
                    + _numbered("NR", c["n_refiner_layers"]))
     if family == "wan21":
         return set(_numbered("B", c["num_layers"]))
+    if family == "hidream":
+        return set(_numbered("DS", c["num_layers"]) + _numbered("SS", c["num_single_layers"]))
     if family == "sdxl":  # 3 levels x (2 resnets + 1 downsample), a middle block, the mirror
         return set(_numbered("IN", 9) + ["M00"] + _numbered("OUT", 9))
     raise KeyError(family)
 
 
-@pytest.mark.parametrize("family", dit.FAMILY_NAMES)
+@pytest.mark.parametrize("family", dit.ALL_FAMILY_NAMES)
 def test_blocks_are_named_as_users_know_them(family):
     """Automatic block discovery on the host's own keys: Flux double/single blocks (D/S), SD3 joint
     blocks (J), Qwen-Image transformer blocks (T), Lumina layers and refiners, Wan blocks (B), SDXL
@@ -340,10 +273,11 @@ def lycoris_preset():
 # LoRA on every family; the other network algorithms on one family of each layout
 # LoRA on every family; the other network algorithms, and the other spellings of native names,
 # on a few families
-NETWORK_CASES = [(f, "lora", "kohya") for f in dit.FAMILY_NAMES] + [
+NETWORK_CASES = [(f, "lora", "kohya") for f in dit.ALL_FAMILY_NAMES] + [
     (f, a, "kohya") for f in ("flux", "sd3", "wan21") for a in LYCORIS_NETWORK_ALGOS if a != "lora"] + [
-    (f, "lora", style) for f in ("flux", "wan21", "qwen_image") for style in ("comfy", "bfl_peft")]
-# how trainers spell a native module path: kohya/LyCORIS, ComfyUI's own saved LoRAs, BFL/AI-Toolkit
+    (f, "lora", style) for f in ("flux", "wan21", "qwen_image", "hunyuan_video") for style in ("comfy", "bfl_peft")]
+# how trainers spell a native module path: kohya/LyCORIS and musubi-tuner (`lora_unet_`, Wan and
+# HunyuanVideo in their original layout), ComfyUI's own saved LoRAs, BFL/AI-Toolkit (Wan)
 STYLES = {"kohya": lambda path, suffix: f"lora_unet_{path.replace('.', '_')}.{suffix}",
           "comfy": lambda path, suffix: f"diffusion_model.{path}.{suffix}",
           "bfl_peft": lambda path, suffix: f"diffusion_model.{path}." + {

@@ -12,19 +12,23 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file as read_safetensors
 
 from host import text_encoders
-from host.helpers import load, pack_module, rel_err, sample_input, unload_all
-
-FP32_TOL = 1e-5
+from host.te_checks import assert_bypass_equals_merge, assert_merges_like, host_key, linears
 PARTS = {"text_encoder": "clip_l.transformer.", "text_encoder_2": "clip_g.transformer."}  # file part -> host
 # kohya-style names: file prefix -> host prefix, per text-encoder set (the twins come in this order)
 KOHYA = {
     "sdxl": {"lora_te1": "clip_l.transformer.", "lora_te2": "clip_g.transformer."},
     "flux": {"lora_te1": "clip_l.transformer.", "lora_te3": "t5xxl.transformer."},  # kohya sd-scripts
     "flux-onetrainer": {"lora_te1": "clip_l.transformer.", "lora_te2": "t5xxl.transformer."},
+    "sd3": {"lora_te1": "clip_l.transformer.", "lora_te2": "clip_g.transformer.", "lora_te3": "t5xxl.transformer."},
 }
+
+
+# encoder set -> (host CLIP object, transformers twins in file order)
+BUILDERS = {"sdxl": (text_encoders.sdxl_clip, text_encoders.sdxl_twins),
+            "flux": (text_encoders.flux_clip, text_encoders.flux_twins),
+            "sd3": (text_encoders.sd3_clip, text_encoders.sd3_twins)}
 
 
 pytestmark = pytest.mark.usefixtures("quiet_and_unloaded")
@@ -37,48 +41,14 @@ def encoders(kind: str):
     """(CLIP object, transformers twins) of a tiny text-encoder set, built once per process."""
     family = kind.split("-")[0]
     if family not in _CLIPS:
-        build = {"sdxl": (text_encoders.sdxl_clip, text_encoders.sdxl_twins),
-                 "flux": (text_encoders.flux_clip, text_encoders.flux_twins)}[family]
-        _CLIPS[family] = build[0]()
-    twins = {"sdxl": text_encoders.sdxl_twins, "flux": text_encoders.flux_twins}[family]()
+        _CLIPS[family] = BUILDERS[family][0]()
+    twins = BUILDERS[family][1]()
     return _CLIPS[family], twins
 
 
 @pytest.fixture
 def clip(lycoris_pack):
     return encoders("sdxl")[0]
-
-
-def clip_weights(clip) -> dict[str, torch.Tensor]:
-    load(clip.patcher)
-    return {k: v.detach().float().clone() for k, v in clip.cond_stage_model.state_dict().items()}
-
-
-def ours(clip, path: str, strength: float, mode: str = "merge"):
-    adapters = pack_module("nodes.host_compat").read_adapters(path)
-    return pack_module("nodes.apply").apply_lycoris(None, clip, adapters, 0.0, strength, mode)
-
-
-def core(clip, path: str, strength: float):
-    import comfy.sd
-
-    return comfy.sd.load_lora_for_models(None, clip, read_safetensors(path), 0.0, strength)[1]
-
-
-def changed(base: dict, other: dict) -> list[str]:
-    return [k for k in base if not torch.equal(base[k], other[k])]
-
-
-def linears(model: torch.nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-
-
-def host_key(prefix: str, path: str, keys: set[str]) -> str:
-    """The host weight of a twin's module (transformers 5's CLIPTextModel lacks `text_model.`)."""
-    for candidate in (f"{prefix}{path}.weight", f"{prefix}text_model.{path}.weight"):
-        if candidate in keys:
-            return candidate
-    raise KeyError(f"no host weight for {prefix}{path}")
 
 
 def peft_file(path: str):
@@ -98,52 +68,6 @@ def peft_file(path: str):
     folder, name = os.path.split(path)
     diffusers.StableDiffusionXLPipeline.save_lora_weights(folder, weight_name=name, **layers)
     return dict(zip(PARTS, twins))
-
-
-def assert_merges_like(clip, path: str, expected_change, strengths=(1.0, -0.5)) -> str:
-    """Our merge changes each CLIP weight by `expected_change(strength)` (host key -> delta) and
-    nothing else, and equals core's merge on every weight core patches."""
-    base = clip_weights(clip)
-    unload_all()
-    report = ""
-    for strength in strengths:
-        got_clip, report = ours(clip, path, strength)[1:]
-        got = clip_weights(got_clip)
-        unload_all()
-        deltas = expected_change(strength)
-        assert deltas and set(changed(base, got)) == set(deltas), report
-        worst = max(rel_err(got[k] - base[k], d) for k, d in deltas.items())
-        assert worst < FP32_TOL, f"{strength}: {worst:.2e}\n{report}"
-        by_core = clip_weights(core(clip, path, strength))
-        unload_all()
-        for k in changed(base, by_core):
-            assert rel_err(got[k], by_core[k]) < FP32_TOL, f"{k}: not core's merge\n{report}"
-    return report
-
-
-def outputs(clip, keys: list[str]) -> dict[str, torch.Tensor]:
-    """Each layer's output on a fixed input, with whatever patches or injections are loaded."""
-    import comfy.utils
-
-    load(clip.patcher)
-    out = {}
-    with torch.inference_mode():
-        for i, key in enumerate(keys):
-            module = comfy.utils.get_attr(clip.cond_stage_model, key[: -len(".weight")])
-            out[key] = module(sample_input(module, i)).float()
-    return out
-
-
-def assert_bypass_equals_merge(clip, path: str, strength: float = 0.8) -> None:
-    base = clip_weights(clip)
-    merged = ours(clip, path, strength)[1]
-    keys = [k for k in changed(base, clip_weights(merged)) if k.endswith(".weight")]
-    assert keys
-    want = outputs(merged, keys)
-    unload_all()
-    have = outputs(ours(clip, path, strength, "bypass")[1], keys)
-    for k in keys:
-        assert rel_err(have[k], want[k]) < FP32_TOL, k
 
 
 def test_peft_text_encoder_files_merge_with_pefts_deltas(clip, tmp_path):
@@ -167,14 +91,14 @@ def test_peft_text_encoder_files_merge_with_pefts_deltas(clip, tmp_path):
 
 
 KOHYA_CASES = [("sdxl", a) for a in ("lora", "loha", "lokr")] + [("flux", "lora"), ("flux", "lokr"),
-                                                                  ("flux-onetrainer", "lora")]
+                                                                  ("flux-onetrainer", "lora"), ("sd3", "lora")]
 
 
 @pytest.mark.parametrize(("kind", "algo"), KOHYA_CASES)
 def test_kohya_text_encoder_names_merge_like_lycoris(lycoris_pack, kind, algo, tmp_path):
-    """LyCORIS networks over both twins with kohya's names: `lora_te1_`/`lora_te2_` on SDXL's
+    """LyCORIS networks over the twins with kohya's names: `lora_te1_`/`lora_te2_` on SDXL's
     CLIP-L/G, `lora_te1_`/`lora_te3_` on Flux's CLIP-L/T5 (sd-scripts) and `lora_te2_` for its T5
-    (OneTrainer)."""
+    (OneTrainer), `lora_te1_`/`lora_te2_`/`lora_te3_` on SD3's CLIP-L, CLIP-G and T5 (sd-scripts)."""
     from lycoris import LycorisNetwork, create_lycoris
     from safetensors.torch import save_file
 

@@ -41,6 +41,11 @@ OUT, IN, RANK = 12, 10, 4
     ("transformer.blocks.0.attn.to_k.lora_magnitude_vector.weight", "transformer.blocks.0.attn.to_k",
      "dora_scale"),
     ("transformer.blocks.0.attn.to_k.alpha", "transformer.blocks.0.attn.to_k", "alpha"),
+    ("double_blocks.0.processor.qkv_lora1.down.weight", "double_blocks.0.processor.qkv_lora1",
+     "lora_down.weight"),  # XLabs Flux
+    # a single block's `proj_lora` reads as the glued old-diffusers spelling of module `proj`
+    ("single_blocks.3.processor.proj_lora.up.weight", "single_blocks.3.processor.proj",
+     "lora_up.weight"),
     ("lora_unet_x.bias_indices", "lora_unet_x", "bias_indices"),
     ("lora_unet_x.something_else", "lora_unet_x", None),
     ("bundle_emb.mychar.string_to_param.*", "bundle_emb", None),

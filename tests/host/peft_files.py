@@ -71,6 +71,11 @@ DIFFUSERS = {
         "rope_theta": 256.0, "axes_dims": list(_ROPE), "axes_lens": [64, 64, 64]}, "ZImagePipeline",
         # ComfyUI sizes the timestep MLP min(dim, 1024) wide, diffusers 1024: equal from dim 1024 on
         tiny_only_mismatch=("t_embedder.",)),
+    "hidream": DiffusersFamily("HiDreamImageTransformer2DModel", {
+        "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 1, "num_single_layers": 1,
+        "attention_head_dim": 64, "num_attention_heads": 2, "caption_channels": [64, 64], "text_emb_dim": 64,
+        "num_routed_experts": 2, "num_activated_experts": 1, "axes_dims_rope": (32, 16, 16),
+        "max_resolution": (64, 64), "llama_layers": [0, 1]}, "HiDreamImagePipeline"),
     "wan21": DiffusersFamily("WanTransformer3DModel", {
         "patch_size": (1, 2, 2), "num_attention_heads": 1, "attention_head_dim": 128, "in_channels": 16,
         "out_channels": 16, "text_dim": 4096, "freq_dim": 256, "ffn_dim": 256, "num_layers": 2,
