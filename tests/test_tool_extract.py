@@ -249,3 +249,105 @@ def test_svd_through_qr_equals_lapack_svd(shape):
     assert torch.allclose((u * s) @ vh, a, atol=1e-10)
     eye = torch.eye(s.numel(), dtype=a.dtype)
     assert torch.allclose(u.T @ u, eye, atol=1e-10) and torch.allclose(vh @ vh.T, eye, atol=1e-10)
+
+
+WIDTH = 24  # OpenCLIP layer width of the synthetic text encoders
+OPENCLIP_CASES = {  # family -> (OpenCLIP prefix, its kohya prefix, CLIP-L prefix and its kohya prefix or None)
+    "sd2": ("cond_stage_model.model.", "lora_te_", None),
+    "sdxl": ("conditioner.embedders.1.model.", "lora_te2_",
+             ("conditioner.embedders.0.transformer.text_model.encoder.layers.", "lora_te1_")),
+}
+
+
+def _openclip_pair(family: str, g: torch.Generator):
+    """(base, tuned, {kohya name: (checkpoint key, row block, exact delta)}): two OpenCLIP layers
+    whose in_proj thirds, out_proj, c_fc and c_proj change by rank-2 deltas (layer 1's v third
+    not at all), beside the tensors no module takes, and SDXL's CLIP-L with one changed layer."""
+    prefix, kohya, clip_l = OPENCLIP_CASES[family]
+    base = {f"{prefix}token_embedding.weight": torch.randn(40, WIDTH, generator=g),
+            f"{prefix}positional_embedding": torch.randn(8, WIDTH, generator=g),
+            f"{prefix}text_projection": torch.randn(WIDTH, WIDTH, generator=g),
+            f"{prefix}ln_final.weight": torch.ones(WIDTH)}
+    tuned, want = {}, {}
+
+    def change(key: str, name: str, block: int, rows: int, cols: int, delta: bool = True):
+        d = _spectrum_delta(rows, cols, 2, g) if delta else torch.zeros(rows, cols)
+        tuned.setdefault(key, base[key].clone())[block * rows:(block + 1) * rows] += d
+        if delta:
+            want[name] = (key, block, d)
+
+    for layer in range(2):
+        block = f"{prefix}transformer.resblocks.{layer}."
+        te = f"{kohya}text_model_encoder_layers_{layer}_"
+        base[block + "attn.in_proj_weight"] = torch.randn(3 * WIDTH, WIDTH, generator=g)
+        base[block + "attn.in_proj_bias"] = torch.zeros(3 * WIDTH)
+        base[block + "ln_1.weight"] = torch.ones(WIDTH)
+        for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+            change(block + "attn.in_proj_weight", te + f"self_attn_{proj}", i, WIDTH, WIDTH,
+                   delta=(layer, proj) != (1, "v_proj"))
+        for sub, name, rows, cols in (("attn.out_proj", "self_attn_out_proj", WIDTH, WIDTH),
+                                      ("mlp.c_fc", "mlp_fc1", 4 * WIDTH, WIDTH),
+                                      ("mlp.c_proj", "mlp_fc2", WIDTH, 4 * WIDTH)):
+            base[f"{block}{sub}.weight"] = torch.randn(rows, cols, generator=g)
+            change(f"{block}{sub}.weight", te + name, 0, rows, cols)
+    if clip_l:
+        key = clip_l[0] + "0.self_attn.q_proj.weight"
+        base[key] = torch.randn(16, 16, generator=g)
+        change(key, f"{clip_l[1]}text_model_encoder_layers_0_self_attn_q_proj", 0, 16, 16)
+    for key, value in base.items():
+        tuned.setdefault(key, value.clone() + 1)  # changed, but no module takes it
+    return base, tuned, want
+
+
+@pytest.mark.parametrize("family", sorted(OPENCLIP_CASES))
+def test_openclip_text_encoder_extracts_as_hugging_face_clip_modules(tmp_path, capsys, family):
+    from lycoris_core.checkpoint_names import CheckpointNames, KeyTarget
+
+    base, tuned, want = _openclip_pair(family, torch.Generator().manual_seed(7))
+    st_save(base, str(tmp_path / "base.safetensors"))
+    st_save(tuned, str(tmp_path / "tuned.safetensors"))
+    out = tmp_path / "te.safetensors"
+    assert main(["extract", "--base", str(tmp_path / "base.safetensors"), "--tuned",
+                 str(tmp_path / "tuned.safetensors"), "--out", str(out), "--rank", "2",
+                 "--dtype", "fp32", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 tensor skipped: unchanged block of a fused weight" in printed
+    adapters = lycoris_core.load_file(str(out))
+    assert not adapters.problems and set(adapters) == set(want)
+    # the bake's own map (name -> key and rows) sends every module back where it came from
+    names = CheckpointNames.from_shapes({k: tuple(v.shape) for k, v in base.items()})
+    for name, (key, block, d) in want.items():
+        got = _merged_delta(adapters[name], d.shape)
+        assert adapters[name].rank == 2
+        assert float((got - d).norm() / d.norm()) < 1e-4, name
+        offset = (0, block * d.shape[0], d.shape[0]) if key.endswith("in_proj_weight") else None
+        assert names.resolve(name) == KeyTarget(key, offset), name
+
+
+def test_openclip_keys_name_the_modules_comfyui_maps():
+    from lycoris_core.tools.extract import module_pieces
+
+    def names(key):
+        return [(p.name, p.block, p.of) for p in module_pieces(key)[0]]
+
+    assert names("cond_stage_model.model.transformer.resblocks.11.attn.in_proj_weight") == [
+        ("lora_te_text_model_encoder_layers_11_self_attn_q_proj", 0, 3),
+        ("lora_te_text_model_encoder_layers_11_self_attn_k_proj", 1, 3),
+        ("lora_te_text_model_encoder_layers_11_self_attn_v_proj", 2, 3)]
+    assert module_name("conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_proj.weight") == (
+        "lora_te2_text_model_encoder_layers_0_mlp_fc2", None)
+    # SDXL refiner (its only text encoder is OpenCLIP-G) and SD2 in the sgm layout
+    assert module_name("conditioner.embedders.0.model.transformer.resblocks.3.attn.out_proj.weight")[0] == (
+        "lora_te_text_model_encoder_layers_3_self_attn_out_proj")
+    assert module_name("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight")[0] is None
+    for key in ("cond_stage_model.model.text_projection", "cond_stage_model.model.ln_final.weight",
+                "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_bias"):
+        assert module_pieces(key)[0] == () and "OpenCLIP" in module_pieces(key)[1]
+
+
+def test_fused_weight_whose_rows_do_not_split_in_three_names_file_and_key(tmp_path):
+    key = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"
+    base = {key: torch.zeros(70, 8)}
+    with pytest.raises(lycoris_core.LycorisShapeError, match="70 rows do not split into 3") as info:
+        extract(base, {key: torch.ones(70, 8)}, rule=RankRule("fixed", 2))
+    assert key in str(info.value)

@@ -3,7 +3,9 @@
 The checkpoints are read memory-mapped, one weight pair at a time; each changed Linear/Conv
 weight becomes `tuned - base ≈ up @ down` by truncated SVD in fp32 on the chosen device. Module
 names are kohya's (`lora_unet_<path>`, `lora_te_<path>`), which our loader and ComfyUI core both
-map from the checkpoint's own key paths.
+map from the checkpoint's own key paths. OpenCLIP text encoders (SD2's, SDXL's second) are named
+as kohya and ComfyUI name them, in the Hugging Face CLIP layout: their fused `attn.in_proj_weight`
+becomes three modules, q, k and v, one per third of its rows.
 """
 from __future__ import annotations
 
@@ -36,12 +38,10 @@ PREFIXES: tuple[tuple[str, str], ...] = (
     ("text_encoders.clip_l.transformer.", "lora_te1_"),
     ("text_encoders.clip_g.transformer.", "lora_te2_"),
 )
-# parts of a checkpoint an adapter does not patch, or whose names no loader maps to kohya names
+# parts of a checkpoint an adapter does not patch
 NOT_EXTRACTED: tuple[tuple[str, str], ...] = (
     ("first_stage_model.", "VAE"),
     ("vae.", "VAE"),
-    ("cond_stage_model.model.", "OpenCLIP text encoder (SD2): its names have no kohya mapping here"),
-    ("conditioner.embedders.1.model.", "OpenCLIP text encoder (SDXL): its names have no kohya mapping here"),
     ("model_ema.", "EMA copy"),
 )
 # 2-d weights of lookup tables (CLIP, T5, BERT, GPT-style text encoders): not Linear layers, no
@@ -50,11 +50,63 @@ _EMBEDDING = re.compile(r"(^|\.)(token_embedding|position_embedding|word_embeddi
                         r"position_embeddings|token_type_embeddings|embed_tokens|wte|wpe|shared)"
                         r"\.weight$")
 
+# OpenCLIP text-encoder prefix -> kohya prefix: SD2 (ldm and sgm layouts) and the SDXL refiner
+# hold one, named `lora_te_`; SDXL base holds it second, beside CLIP-L, as `lora_te2_`
+OPENCLIP_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("cond_stage_model.model.", "lora_te_"),
+    ("conditioner.embedders.0.model.", "lora_te_"),
+    ("conditioner.embedders.1.model.", "lora_te2_"),
+)
+# OpenCLIP layer weight -> Hugging Face CLIP module(s) of `text_model.encoder.layers.N.`; a fused
+# weight lists one module per equal block of rows, in row order
+OPENCLIP_LAYERS: dict[str, tuple[str, ...]] = {
+    "attn.in_proj_weight": ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj"),
+    "attn.out_proj.weight": ("self_attn_out_proj",),
+    "mlp.c_fc.weight": ("mlp_fc1",),
+    "mlp.c_proj.weight": ("mlp_fc2",),
+}
+_OPENCLIP_LAYER = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+)$")
+
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+@dataclass(frozen=True)
+class Piece:
+    """One module extracted from a checkpoint weight: its kohya name, and which of `of` equal
+    blocks of the weight's rows it takes (`of` 1: the whole weight)."""
+
+    name: str
+    block: int = 0
+    of: int = 1
+
+
+def _openclip_pieces(path: str, kohya: str) -> tuple[tuple[Piece, ...], str | None]:
+    m = _OPENCLIP_LAYER.match(path)
+    modules = OPENCLIP_LAYERS.get(m[2]) if m else None
+    if modules is None:
+        return (), "OpenCLIP bias, norm, embedding or projection (no LoRA module)"
+    base = f"{kohya}text_model_encoder_layers_{m[1]}_"
+    return tuple(Piece(base + module, i, len(modules)) for i, module in enumerate(modules)), None
+
+
+def module_pieces(key: str) -> tuple[tuple[Piece, ...], str | None]:
+    """(the modules a checkpoint key is extracted as, None), or ((), why it is not extracted)."""
+    for prefix, kohya in OPENCLIP_PREFIXES:
+        if key.startswith(prefix):
+            return _openclip_pieces(key[len(prefix):], kohya)
+    name, why = _plain_name(key)
+    return ((Piece(name),) if name else ()), why
+
+
 def module_name(key: str) -> tuple[str | None, str | None]:
-    """(kohya module name, None) for a checkpoint weight key, or (None, why it is not extracted)."""
+    """(kohya module name, None) for a checkpoint weight one module takes whole, or (None, why not)."""
+    pieces, why = module_pieces(key)
+    if len(pieces) > 1:
+        return None, f"fused weight: {len(pieces)} modules ({', '.join(p.name for p in pieces)})"
+    return (pieces[0].name, None) if pieces else (None, why)
+
+
+def _plain_name(key: str) -> tuple[str | None, str | None]:
     for prefix, why in NOT_EXTRACTED:
         if key.startswith(prefix):
             return None, why
@@ -137,8 +189,8 @@ def extract(base: str | Mapping[str, torch.Tensor], tuned: str | Mapping[str, to
     base_keys = set(a.keys())
     keys = list(b.keys())
     for key in iterate(keys, len(keys)):
-        name, why = module_name(key)
-        if name is None:
+        pieces, why = module_pieces(key)
+        if not pieces:
             skip[why] += 1
             continue
         if key not in base_keys:
@@ -170,10 +222,22 @@ def extract(base: str | Mapping[str, torch.Tensor], tuned: str | Mapping[str, to
         if not bool(diff.any()):  # equal values stored in different dtypes
             skip["unchanged"] += 1
             continue
-        factors = low_rank(diff.reshape(shape[0], -1),
-                           conv_rule if _is_conv_kernel(shape) else rule, solver)
-        result.adapters[name] = _lora(name, factors, shape, alpha, out_name)
-        result.rows.append(ModuleRow(name, shape, factors.rank, factors.kept, factors.rel_error))
+        if shape[0] % pieces[0].of:
+            raise LycorisShapeError(f"{shape[0]} rows do not split into {pieces[0].of} equal "
+                                    f"modules ({', '.join(p.name for p in pieces)})", file=b.path,
+                                    key=key)
+        rows = shape[0] // pieces[0].of
+        for piece in pieces:
+            part = diff[piece.block * rows:(piece.block + 1) * rows]
+            if not bool(part.any()):
+                skip["unchanged block of a fused weight (one of q, k, v)"] += 1
+                continue
+            part_shape = (rows, *shape[1:])
+            factors = low_rank(part.reshape(rows, -1),
+                               conv_rule if _is_conv_kernel(shape) else rule, solver)
+            result.adapters[piece.name] = _lora(piece.name, factors, part_shape, alpha, out_name)
+            result.rows.append(ModuleRow(piece.name, part_shape, factors.rank, factors.kept,
+                                         factors.rel_error))
     result.seconds = time.perf_counter() - started
     return result
 
