@@ -200,6 +200,7 @@ CHECKPOINT_PREFIXES: tuple[tuple[str, str, bool], ...] = (
     ("cond_stage_model.transformer.", "te1", False),
     ("cond_stage_model.model.", "te1", True),
     ("conditioner.embedders.0.transformer.", "te1", False),
+    ("conditioner.embedders.0.model.", "te1", True),  # SD2 in the sgm layout, SDXL refiner
     ("conditioner.embedders.1.model.", "te2", True),
     ("text_encoders.clip_l.transformer.", "te1", False),
     ("text_encoders.clip_g.transformer.", "te2", False),

@@ -23,7 +23,9 @@ class Rename:
     """A native spelling of a diffusers path, and the piece of that weight it is, if any."""
 
     path: str
-    layout: str | None = None  # "qkv" (q, k, v rows) or "qkv_mlp" (q, k, v, mlp rows)
+    # "qkv" (q, k, v rows), "qkv_mlp" (q, k, v, mlp rows); "adaln_pair" / "adaln_chunks": the
+    # whole weight, only when it makes two chunks (shift, scale) / when it makes more
+    layout: str | None = None
     index: int = 0  # which piece of the layout
     swap_halves: bool = False
 
@@ -40,8 +42,8 @@ def _qkv(prefix: str, native: str, names=("to_q", "to_k", "to_v")) -> list[tuple
 
 
 _WAN = r"^blocks_(\d+)_"
-_HV_DOUBLE = r"^transformer_blocks_(\d+)_"
-_HV_SINGLE = r"^single_transformer_blocks_(\d+)_"
+_DOUBLE = r"^transformer_blocks_(\d+)_"
+_SINGLE = r"^single_transformer_blocks_(\d+)_"
 _HV_REFINER = r"^context_embedder_token_refiner_refiner_blocks_(\d+)_"
 _LUMINA = r"^(layers|noise_refiner|context_refiner)_(\d+)_"
 RULES: dict[str, list[tuple[re.Pattern, str, str | None, int, bool]]] = {
@@ -67,21 +69,37 @@ RULES: dict[str, list[tuple[re.Pattern, str, str | None, int, bool]]] = {
         (r"^condition_embedder_image_embedder_norm2$", "img_emb_proj_4"),
         (r"^proj_out$", "head_head"),
     ),
-    "hunyuan_video": _rules(
-        *_qkv(_HV_DOUBLE + "attn_", r"double_blocks_\1_img_attn_qkv"),
-        *_qkv(_HV_DOUBLE + "attn_", r"double_blocks_\1_txt_attn_qkv", ("add_q_proj", "add_k_proj", "add_v_proj")),
-        (_HV_DOUBLE + r"attn_to_out_0$", r"double_blocks_\1_img_attn_proj"),
-        (_HV_DOUBLE + r"attn_to_add_out$", r"double_blocks_\1_txt_attn_proj"),
-        (_HV_DOUBLE + r"ff_net_0_proj$", r"double_blocks_\1_img_mlp_0"),
-        (_HV_DOUBLE + r"ff_net_2$", r"double_blocks_\1_img_mlp_2"),
-        (_HV_DOUBLE + r"ff_context_net_0_proj$", r"double_blocks_\1_txt_mlp_0"),
-        (_HV_DOUBLE + r"ff_context_net_2$", r"double_blocks_\1_txt_mlp_2"),
-        (_HV_DOUBLE + r"norm1_linear$", r"double_blocks_\1_img_mod_lin"),
-        (_HV_DOUBLE + r"norm1_context_linear$", r"double_blocks_\1_txt_mod_lin"),
-        *[(_HV_SINGLE + name + "$", r"single_blocks_\1_linear1", "qkv_mlp", i)
+    # the double/single-stream blocks Flux.1 introduced; Chroma, HunyuanVideo and Flux.2 keep them
+    # and diffusers names them alike (q/k/v rows of one qkv; a single block's q, k, v, mlp rows of
+    # linear1). Attention q/k norms (`attn.norm_q` -> `img_attn.norm.query_norm.scale`) are not
+    # here: they are no `.weight` the name index holds.
+    "flux_blocks": _rules(
+        *_qkv(_DOUBLE + "attn_", r"double_blocks_\1_img_attn_qkv"),
+        *_qkv(_DOUBLE + "attn_", r"double_blocks_\1_txt_attn_qkv", ("add_q_proj", "add_k_proj", "add_v_proj")),
+        (_DOUBLE + r"attn_to_out_0$", r"double_blocks_\1_img_attn_proj"),
+        (_DOUBLE + r"attn_to_add_out$", r"double_blocks_\1_txt_attn_proj"),
+        (_DOUBLE + r"ff_net_0_proj$", r"double_blocks_\1_img_mlp_0"),
+        (_DOUBLE + r"ff_net_2$", r"double_blocks_\1_img_mlp_2"),
+        (_DOUBLE + r"ff_context_net_0_proj$", r"double_blocks_\1_txt_mlp_0"),
+        (_DOUBLE + r"ff_context_net_2$", r"double_blocks_\1_txt_mlp_2"),
+        (_DOUBLE + r"norm1_linear$", r"double_blocks_\1_img_mod_lin"),
+        (_DOUBLE + r"norm1_context_linear$", r"double_blocks_\1_txt_mod_lin"),
+        *[(_SINGLE + name + "$", r"single_blocks_\1_linear1", "qkv_mlp", i)
           for i, name in enumerate(("attn_to_q", "attn_to_k", "attn_to_v", "proj_mlp"))],
-        (_HV_SINGLE + r"proj_out$", r"single_blocks_\1_linear2"),
-        (_HV_SINGLE + r"norm_linear$", r"single_blocks_\1_modulation_lin"),
+        (_SINGLE + r"proj_out$", r"single_blocks_\1_linear2"),
+        (_SINGLE + r"norm_linear$", r"single_blocks_\1_modulation_lin"),
+        (r"^time_text_embed_timestep_embedder_linear_([12])$", r"time_in_LAYER\1"),
+        (r"^time_text_embed_guidance_embedder_linear_([12])$", r"guidance_in_LAYER\1"),
+        (r"^time_text_embed_text_embedder_linear_([12])$", r"vector_in_LAYER\1"),
+        (r"^norm_out_linear$", "final_layer_adaln_modulation_1", None, 0, True),
+        (r"^proj_out$", "final_layer_linear"),
+    ),
+    # Flux.1 and Chroma: plain linear embedders (HunyuanVideo's are a patch conv and a refiner)
+    "flux": _rules(
+        (r"^x_embedder$", "img_in"),
+        (r"^context_embedder$", "txt_in"),
+    ),
+    "hunyuan_video": _rules(
         *_qkv(_HV_REFINER + "attn_", r"txt_in_individual_token_refiner_blocks_\1_self_attn_qkv"),
         (_HV_REFINER + r"attn_to_out_0$", r"txt_in_individual_token_refiner_blocks_\1_self_attn_proj"),
         (_HV_REFINER + r"ff_net_0_proj$", r"txt_in_individual_token_refiner_blocks_\1_mlp_0"),
@@ -90,9 +108,29 @@ RULES: dict[str, list[tuple[re.Pattern, str, str | None, int, bool]]] = {
         (r"^context_embedder_proj_in$", "txt_in_input_embedder"),
         (r"^context_embedder_time_text_embed_timestep_embedder_linear_([12])$", r"txt_in_t_embedder_LAYER\1"),
         (r"^context_embedder_time_text_embed_text_embedder_linear_([12])$", r"txt_in_c_embedder_LAYER\1"),
-        (r"^time_text_embed_timestep_embedder_linear_([12])$", r"time_in_LAYER\1"),
-        (r"^time_text_embed_guidance_embedder_linear_([12])$", r"guidance_in_LAYER\1"),
-        (r"^time_text_embed_text_embedder_linear_([12])$", r"vector_in_LAYER\1"),
+    ),
+    # SD3/SD3.5 MMDiT: each `transformer_blocks.N` is `joint_blocks.N`, image stream `x_block`,
+    # text stream `context_block`; SD3.5's second image attention `attn2`. The last block's text
+    # stream is pre-only: its adaLN makes (scale, shift) in diffusers, (shift, scale) natively,
+    # where the other blocks' make six chunks in one order: told apart by the weight's rows.
+    "sd3": _rules(
+        *_qkv(_DOUBLE + "attn_", r"joint_blocks_\1_x_block_attn_qkv"),
+        *_qkv(_DOUBLE + "attn_", r"joint_blocks_\1_context_block_attn_qkv", ("add_q_proj", "add_k_proj", "add_v_proj")),
+        *_qkv(_DOUBLE + "attn2_", r"joint_blocks_\1_x_block_attn2_qkv"),
+        (_DOUBLE + r"attn_to_out_0$", r"joint_blocks_\1_x_block_attn_proj"),
+        (_DOUBLE + r"attn2_to_out_0$", r"joint_blocks_\1_x_block_attn2_proj"),
+        (_DOUBLE + r"attn_to_add_out$", r"joint_blocks_\1_context_block_attn_proj"),
+        (_DOUBLE + r"ff_net_0_proj$", r"joint_blocks_\1_x_block_mlp_fc1"),
+        (_DOUBLE + r"ff_net_2$", r"joint_blocks_\1_x_block_mlp_fc2"),
+        (_DOUBLE + r"ff_context_net_0_proj$", r"joint_blocks_\1_context_block_mlp_fc1"),
+        (_DOUBLE + r"ff_context_net_2$", r"joint_blocks_\1_context_block_mlp_fc2"),
+        (_DOUBLE + r"norm1_linear$", r"joint_blocks_\1_x_block_adaln_modulation_1"),
+        *[(_DOUBLE + r"norm1_context_linear$", r"joint_blocks_\1_context_block_adaln_modulation_1", layout, 0, swap)
+          for layout, swap in (("adaln_chunks", False), ("adaln_pair", True))],
+        (r"^pos_embed_proj$", "x_embedder_proj"),
+        (r"^context_embedder$", "context_embedder"),
+        (r"^time_text_embed_timestep_embedder_linear_([12])$", r"t_embedder_mlp_LIN\1"),
+        (r"^time_text_embed_text_embedder_linear_([12])$", r"y_embedder_mlp_LIN\1"),
         (r"^norm_out_linear$", "final_layer_adaln_modulation_1", None, 0, True),
         (r"^proj_out$", "final_layer_linear"),
     ),
@@ -133,18 +171,30 @@ RULES: dict[str, list[tuple[re.Pattern, str, str | None, int, bool]]] = {
     "chroma": _rules(
         (r"^distilled_guidance_layer_layers_(\d+)_linear_1$", r"distilled_guidance_layer_layers_\1_in_layer"),
         (r"^distilled_guidance_layer_layers_(\d+)_linear_2$", r"distilled_guidance_layer_layers_\1_out_layer"),
+        (r"^distilled_guidance_layer_(in_proj|out_proj)$", r"distilled_guidance_layer_\1"),  # same in both
     ),
+}
+# the rule groups each family's diffusers files are read with (diffusers paths alone do not tell
+# Flux from SD3: `transformer_blocks.0.attn.to_q` is in both); Qwen-Image's native names are
+# diffusers' own, so it needs none
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "flux": ("flux_blocks", "flux"), "chroma": ("flux_blocks", "flux", "chroma"),
+    "flux2": ("flux_blocks", "flux2"), "hunyuan_video": ("flux_blocks", "hunyuan_video"),
+    "sd3": ("sd3",), "wan": ("wan",), "lumina2": ("lumina2",), "xlabs_flux": ("xlabs_flux",),
+    "qwen_image": (),
 }
 # numbered diffusers linears -> the native names of two-layer MLPs
 _SPELLED = {"LIN1": "0", "LIN2": "2", "LAYER1": "in_layer", "LAYER2": "out_layer"}
 _SPELLED_RE = re.compile("|".join(_SPELLED))
 
 
-def native_candidates(path: str) -> list[Rename]:
+def native_candidates(path: str, family: str | None = None) -> list[Rename]:
     """Native spellings of a normalised diffusers module path (`blocks_0_attn1_to_q`, prefix
-    removed, as `blocks.names.unet_path` gives), any family."""
+    removed, as `blocks.names.unet_path` gives), of one family of FAMILIES or of any."""
     out = []
-    for rules in RULES.values():
+    groups = RULES if family is None else FAMILIES[family]
+    for group in groups:
+        rules = RULES[group]
         for pattern, replacement, layout, index, swap in rules:
             native, hits = pattern.subn(replacement, path)
             if hits:
@@ -158,6 +208,8 @@ def piece_offset(layout: str, index: int, shape: tuple[int, ...]) -> tuple[int, 
     divide that way. q is as wide as the input (hidden = heads x head width); k and v share the
     rest of the qkv rows equally (fewer key/value heads allowed); the mlp rows follow q, k, v."""
     rows, cols = shape[0], shape[1]
+    if layout in ("adaln_pair", "adaln_chunks"):
+        return (0, 0, rows) if (rows == 2 * cols) == (layout == "adaln_pair") else None
     if layout == "qkv":
         kv, odd = divmod(rows - cols, 2)
         sizes = [cols, kv, kv] if kv > 0 and not odd else None

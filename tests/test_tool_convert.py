@@ -193,3 +193,103 @@ def test_convert_never_overwrites_without_force(tmp_path, capsys):
     assert "file exists" in capsys.readouterr().err and out.read_bytes() == b"keep"
     assert main(["convert", str(original), "--to", "kohya", "--out", str(out), "--force", "--quiet"]) == 0
     assert main(["convert", str(original), "--to", "kohya", "--out", str(original), "--force"]) == 1
+
+
+# ----- diffusers DiT names -> ComfyUI's native ones (no host) ------------------------------------
+
+H = 16  # hidden width of the made-up Flux/SD3 shapes below
+
+
+def _kohya_lora(out_dim: int, in_dim: int, rank: int, alpha: float, g) -> dict[str, torch.Tensor]:
+    return {"lora_down.weight": torch.randn(rank, in_dim, generator=g),
+            "lora_up.weight": torch.randn(out_dim, rank, generator=g), "alpha": torch.tensor(alpha)}
+
+
+def _change(t: dict) -> torch.Tensor:
+    """A LoRA's weight change by its definition: up @ down * alpha / rank."""
+    down = t["lora_down.weight"].double()
+    return t["lora_up.weight"].double() @ down * float(t["alpha"]) / down.shape[0]
+
+
+def _dit_file(path, modules: dict[str, dict]) -> None:
+    save_file({f"{name}.{k}": v.clone() for name, t in modules.items() for k, v in t.items()}, str(path))
+
+
+def test_diffusers_flux_pieces_become_one_comfy_lora_per_fused_weight(tmp_path):
+    """q/k/v (and a single block's mlp) LoRAs of different ranks and alphas fuse into one LoRA on
+    ComfyUI's qkv/linear1 whose change is theirs stacked in q, k, v(, mlp) row order (the order
+    of `comfy.utils.flux_to_diffusers`); the final norm's change has its halves swapped."""
+    g = torch.Generator().manual_seed(0)
+    pieces = {
+        "img": {f"lora_transformer_transformer_blocks_0_attn_to_{p}": _kohya_lora(H, H, r, a, g)
+                for p, r, a in (("q", 2, 1.0), ("k", 3, 3.0), ("v", 4, 8.0))},
+        "single": {**{f"lora_transformer_single_transformer_blocks_0_attn_to_{p}": _kohya_lora(H, H, 2, 2.0, g)
+                      for p in "qkv"},
+                   "lora_transformer_single_transformer_blocks_0_proj_mlp": _kohya_lora(4 * H, H, 3, 1.5, g)},
+    }
+    whole = {"lora_transformer_norm_out_linear": _kohya_lora(2 * H, H, 2, 2.0, g),
+             "lora_transformer_x_embedder": _kohya_lora(H, 8, 2, 2.0, g)}
+    src, out = tmp_path / "flux.safetensors", tmp_path / "comfy.safetensors"
+    _dit_file(src, {**pieces["img"], **pieces["single"], **whole})
+    convert(src, "comfy", out)
+    written = read_safetensors(str(out))
+    modules = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in written}
+    assert modules == {"diffusion_model.double_blocks.0.img_attn.qkv", "diffusion_model.single_blocks.0.linear1",
+                       "diffusion_model.final_layer.adaLN_modulation.1", "diffusion_model.img_in"}
+
+    def got(name):
+        return _change({k[len(name) + 1:]: v for k, v in written.items() if k.startswith(name + ".")})
+
+    want_qkv = torch.cat([_change(t) for t in pieces["img"].values()])
+    assert torch.allclose(got("diffusion_model.double_blocks.0.img_attn.qkv"), want_qkv, atol=1e-5)
+    want_linear1 = torch.cat([_change(t) for t in pieces["single"].values()])
+    assert torch.allclose(got("diffusion_model.single_blocks.0.linear1"), want_linear1, atol=1e-5)
+    scale_shift = _change(whole["lora_transformer_norm_out_linear"])
+    assert torch.allclose(got("diffusion_model.final_layer.adaLN_modulation.1"),
+                          torch.cat((scale_shift[H:], scale_shift[:H])), atol=1e-5)
+    assert torch.allclose(got("diffusion_model.img_in"), _change(whole["lora_transformer_x_embedder"]), atol=1e-6)
+
+
+def test_attention_only_dit_names_need_a_family_and_sd3_swaps_only_its_last_context_adaln(tmp_path, capsys):
+    g = torch.Generator().manual_seed(1)
+    attention = {f"transformer.transformer_blocks.0.attn.to_{p}": _kohya_lora(H, H, 2, 2.0, g) for p in "qkv"}
+    src = tmp_path / "attn.safetensors"
+    _dit_file(src, attention)
+    assert main(["convert", str(src), "--to", "comfy", "--out", str(tmp_path / "x.safetensors"), "--quiet"]) == 1
+    assert "--family" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+    # SD3: the last block's context adaLN makes two chunks (swapped), the others six (kept)
+    modules = {**attention,
+               "transformer.transformer_blocks.0.norm1_context.linear": _kohya_lora(6 * H, H, 2, 2.0, g),
+               "transformer.transformer_blocks.1.norm1_context.linear": _kohya_lora(2 * H, H, 2, 2.0, g)}
+    _dit_file(src, modules)
+    out = tmp_path / "sd3.safetensors"
+    assert main(["convert", str(src), "--to", "comfy", "--family", "sd3", "--out", str(out), "--quiet"]) == 0
+    written = read_safetensors(str(out))
+    prefix = "diffusion_model.joint_blocks."
+
+    def got(name):
+        return _change({k[len(name) + 1:]: v for k, v in written.items() if k.startswith(name + ".")})
+
+    qkv = torch.cat([_change(t) for t in attention.values()])
+    assert torch.allclose(got(prefix + "0.x_block.attn.qkv"), qkv, atol=1e-5)
+    six = _change(modules["transformer.transformer_blocks.0.norm1_context.linear"])
+    assert torch.allclose(got(prefix + "0.context_block.adaLN_modulation.1"), six, atol=1e-5)
+    two = _change(modules["transformer.transformer_blocks.1.norm1_context.linear"])
+    assert torch.allclose(got(prefix + "1.context_block.adaLN_modulation.1"), torch.cat((two[H:], two[:H])), atol=1e-5)
+
+
+def test_part_of_a_fused_weight_of_unknown_width_and_other_algorithms_on_pieces_are_refused(tmp_path, capsys):
+    g = torch.Generator().manual_seed(2)
+    src = tmp_path / "part.safetensors"
+    # a single block's q alone: linear1's mlp rows are not known without the model
+    _dit_file(src, {"lora_transformer_single_transformer_blocks_0_attn_to_q": _kohya_lora(H, H, 2, 2.0, g),
+                    "lora_transformer_single_transformer_blocks_0_proj_out": _kohya_lora(H, 5 * H, 2, 2.0, g)})
+    assert main(["convert", str(src), "--to", "comfy", "--out", str(tmp_path / "x.safetensors"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "width of the rest is unknown" in err and "single_blocks.0.linear1" in err
+    lokr = {"lokr_w1": torch.randn(4, 4, generator=g), "lokr_w2": torch.randn(4, 4, generator=g)}
+    _dit_file(src, {"lora_transformer_transformer_blocks_0_attn_to_q": lokr,
+                    "lora_transformer_transformer_blocks_0_ff_net_2": lokr, "lora_transformer_x_embedder": lokr})
+    assert main(["convert", str(src), "--to", "comfy", "--out", str(tmp_path / "x.safetensors"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "1 module cannot" in err and "lokr on a piece" in err and "attn_to_q" in err

@@ -189,3 +189,33 @@ def test_lora_merge_refuses_changes_that_need_the_base_weight(tmp_path, capsys):
     assert main(["merge", "--adapter", str(f), "--rank", "4", "--out", str(tmp_path / "o.safetensors")]) == 1
     err = capsys.readouterr().err
     assert "lora_unet_conv_in" in err and str(f) in err and "--base" in err
+
+
+def test_diffusers_dit_names_resolve_to_native_keys_pieces_and_swaps_by_shape():
+    """Flux and SD3 diffusers names on native checkpoints (bare and `diffusion_model.`): q/k/v rows
+    of qkv (as `comfy.utils.flux_to_diffusers` places them), linear1's mlp rows, and SD3's context
+    adaLN swapped only in the pre-only last block (two chunks)."""
+    from lycoris_core.checkpoint_names import CheckpointNames
+
+    h = 16
+    flux = CheckpointNames.from_shapes({
+        "diffusion_model.double_blocks.0.img_attn.qkv.weight": (3 * h, h),
+        "diffusion_model.single_blocks.0.linear1.weight": (7 * h, h),
+        "diffusion_model.img_in.weight": (h, 8),
+        "diffusion_model.final_layer.adaLN_modulation.1.weight": (2 * h, h)})
+    resolved = {name: flux.resolve(name) for name in (
+        "transformer.transformer_blocks.0.attn.to_k", "transformer.single_transformer_blocks.0.proj_mlp",
+        "transformer.x_embedder", "transformer.norm_out.linear", "transformer.transformer_blocks.0.attn.to_out.0")}
+    assert [(t.key, t.offset, t.swap_halves) if t else None for t in resolved.values()] == [
+        ("diffusion_model.double_blocks.0.img_attn.qkv.weight", (0, h, h), False),
+        ("diffusion_model.single_blocks.0.linear1.weight", (0, 3 * h, 4 * h), False),
+        ("diffusion_model.img_in.weight", None, False),
+        ("diffusion_model.final_layer.adaLN_modulation.1.weight", None, True),
+        None]
+    sd3 = CheckpointNames.from_shapes({f"joint_blocks.{i}.context_block.adaLN_modulation.1.weight": (rows * h, h)
+                                       for i, rows in ((0, 6), (1, 2))} | {"x_embedder.proj.weight": (h, 4, 2, 2)})
+    last, first = (sd3.resolve(f"transformer.transformer_blocks.{i}.norm1_context.linear") for i in (1, 0))
+    assert (last.key, last.swap_halves, first.key, first.swap_halves) == (
+        "joint_blocks.1.context_block.adaLN_modulation.1.weight", True,
+        "joint_blocks.0.context_block.adaLN_modulation.1.weight", False)
+    assert sd3.resolve("transformer.pos_embed.proj").key == "x_embedder.proj.weight"

@@ -7,7 +7,10 @@ families, the suffixes, the DoRA magnitude's shape and where alpha lives):
   `lora_up`/`alpha`; the UNet keeps the layout it had (diffusers or LDM paths), diffusers DiT paths
   take `lora_transformer_` as OneTrainer and SimpleTuner write them;
 - comfy: ComfyUI's own names, `diffusion_model.<native path>` and
-  `text_encoders.clip_l.transformer.<path>`;
+  `text_encoders.clip_l.transformer.<path>`; diffusers DiT names are read with one family's rules
+  (`native_names.FAMILIES`, `--family` where names alone do not tell), LoRAs on the q/k/v(/mlp)
+  pieces of one fused native weight become one LoRA on it, and changes the native layout stores
+  with swapped halves (final norms) get their up rows swapped;
 - diffusers: what `save_lora_weights` writes: `unet.<diffusers path>` / `transformer.<path>` /
   `text_encoder(_2).<path>`, `lora_A`/`lora_B`/`lora_magnitude_vector`, alphas in the
   `lora_adapter_metadata` config (per part, with rank and alpha patterns);
@@ -34,7 +37,7 @@ from ..blocks.names import is_text_encoder, unet_path
 from ..checkpoint_names import SD1_LAYOUT, SDXL_LAYOUT, UNET, ModuleRef, SDLayout, parse_name
 from ..errors import LycorisError, plural
 from ..io import TensorSource, write_safetensors
-from ..native_names import native_candidates
+from ..native_names import FAMILIES, Rename, native_candidates, piece_offset
 from .cli import add_output, check_output, progress
 
 STYLES = ("kohya", "comfy", "diffusers", "peft")
@@ -59,6 +62,7 @@ time_projection img_emb condition_embedder time_proj
 double_stream_modulation_img double_stream_modulation_txt single_stream_modulation
 to_qkv_mlp_proj linear_in linear_out feed_forward attention_norm1 attention_norm2
 ffn_norm1 ffn_norm2 noise_refiner context_refiner cap_embedder
+distilled_guidance_layer in_proj
 """
 WORDS = {w.lower(): w for w in _WORDS.split() if "_" in w}
 _MAX_WORD = max(w.count("_") for w in WORDS) + 1
@@ -110,15 +114,7 @@ def _unet_name(module: Module, style: str, layout: SDLayout) -> tuple[str, str]:
     if style == "kohya":
         return ("lora_transformer_" if module.diffusers_dit else "lora_unet_"), _flat_tail(module.name)
     if style == "comfy":
-        if module.diffusers_dit:
-            renames = native_candidates(ldm)
-            plain = [r for r in renames if r.layout is None and not r.swap_halves]
-            if not plain:
-                raise ConvertError("this diffusers DiT module has no plain native name (unknown "
-                                   "family, or a slice of a fused weight): convert to kohya or "
-                                   "diffusers instead", file=module.adapter.file, key=module.name)
-            return "diffusion_model.", dotted(plain[0].path)
-        return "diffusion_model.", dotted(ldm)
+        return "diffusion_model.", dotted(ldm)  # diffusers DiT modules go through `comfy_dit_plan`
     if diffusers is not None:
         return "unet.", dotted(diffusers)
     if module.diffusers_dit:
@@ -201,8 +197,12 @@ def _peft_config(modules: list[tuple[str, str, object]], dora: bool) -> dict:
 
 
 def convert_file(path: str, style: str, out: str, *, overwrite: bool = False, quiet: bool = True,
-                 err=sys.stderr) -> dict:
-    """Write `path` renamed to `style` at `out`; returns {"modules": n, "left_out": [...]}."""
+                 err=None, family: str | None = None) -> dict:
+    """Write `path` renamed to `style` at `out`; returns {"modules": n, "left_out": [...]}.
+    `family` (a key of `native_names.FAMILIES`) names the model of diffusers DiT names for comfy
+    style; by default it is the one family whose rules read every such module. Warnings go to
+    `err` (default: the sys.stderr of the moment)."""
+    err = err or sys.stderr
     if style not in STYLES:
         raise ValueError(f"style must be one of {', '.join(STYLES)}, not {style!r}")
     src = TensorSource(path)
@@ -216,6 +216,12 @@ def convert_file(path: str, style: str, out: str, *, overwrite: bool = False, qu
     names: dict[str, str] = {}
     peft_parts: dict[str, list] = {}
     errors: list[str] = []
+    if style == "comfy":
+        planned, errors = comfy_dit_plan([m for m in modules if m.diffusers_dit], src, family, path)
+        for new, (sources, module_sd) in planned.items():
+            names[new] = sources[0].name
+            tensors.update({f"{new}.{suffix}": t for suffix, t in module_sd.items()})
+        modules = [m for m in modules if not m.diffusers_dit]
     for module in progress(modules, desc="convert", quiet=quiet):
         try:
             part, new = module_name(module, style, layout, one_te)
@@ -256,6 +262,128 @@ def convert_file(path: str, style: str, out: str, *, overwrite: bool = False, qu
     return {"modules": len(names), "left_out": left_out + unknown}
 
 
+# ----- diffusers DiT names -> ComfyUI's native ones ----------------------------------------------
+
+def _candidates(module: Module, family: str) -> list[Rename]:
+    if not FAMILIES[family]:  # the family's native names are diffusers' own (Qwen-Image)
+        return [Rename(module.ref.path)]
+    return native_candidates(module.ref.path, family)
+
+
+def dit_family(modules: list[Module], path: str) -> str:
+    """The one family whose rules read every diffusers DiT module of a file (families that read
+    them all alike count as one)."""
+    readings = {}
+    for family in FAMILIES:
+        if FAMILIES[family] and all(native_candidates(m.ref.path, family) for m in modules):
+            readings[family] = [tuple(native_candidates(m.ref.path, family)) for m in modules]
+    distinct = {tuple(r) for r in readings.values()}
+    if len(distinct) == 1:
+        return next(iter(readings))
+    if not readings:
+        best = max((f for f in FAMILIES if FAMILIES[f]),
+                   key=lambda f: sum(bool(native_candidates(m.ref.path, f)) for m in modules))
+        unread = [m.name for m in modules if not native_candidates(m.ref.path, best)]
+        raise LycorisError(f"no model family's diffusers names cover this file ({len(unread)} modules "
+                           f"unknown to {best}, e.g. {unread[0]}): name it with --family (qwen_image "
+                           "keeps diffusers' names), or convert to kohya or diffusers", file=path)
+    raise LycorisError(f"these diffusers DiT names read as several families ({', '.join(readings)}): "
+                       "name one with --family", file=path)
+
+
+def _lora_factors(module: Module, src) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up * alpha/rank) of a plain 2-D LoRA, else ConvertError."""
+    adapter = module.adapter
+    extra = sorted(set(module.keys) - {"lora_down.weight", "lora_up.weight", "alpha"})
+    if adapter.algo != "lora" or extra or src[module.keys["lora_down.weight"]].ndim != 2:
+        what = adapter.algo if adapter.algo != "lora" else "this LoRA (" + (", ".join(extra) or "conv") + ")"
+        raise ConvertError(f"{what} on a piece of a fused or reordered native weight has no ComfyUI "
+                           "name: convert to kohya or diffusers instead", file=adapter.file, key=module.name)
+    down, up = src[module.keys["lora_down.weight"]], src[module.keys["lora_up.weight"]]
+    return down, (up.float() * adapter.scale).to(up.dtype)
+
+
+def _shape(module: Module) -> tuple[int, int] | None:
+    """(out, in) of the weight a module changes, as its factors tell."""
+    shape = getattr(module.adapter, "target_shape", None)
+    return tuple(shape[:2]) if shape else None
+
+
+def _fused(native: str, layout: str, pieces: dict[int, Module], src, path: str) -> dict[str, torch.Tensor]:
+    """One LoRA on the fused weight from LoRAs on its pieces: the downs stacked, the ups placed
+    block-diagonally on their rows (each with its own alpha/rank folded in), alpha = total rank,
+    so the fused change is exactly the pieces' changes side by side."""
+    factors = {i: _lora_factors(m, src) for i, m in pieces.items()}
+    cols = next(iter(factors.values()))[0].shape[1]
+    sizes = {i: up.shape[0] for i, (_, up) in factors.items()}
+    count = 3 if layout == "qkv" else 4
+    sizes.setdefault(0, cols)
+    for i in (1, 2):  # k and v are as wide as each other (and as q under qkv_mlp)
+        sizes.setdefault(i, sizes.get(3 - i, cols if layout == "qkv_mlp" else None))
+    if any(sizes.get(i) is None for i in range(count)):
+        names = ", ".join(m.name for m in pieces.values())
+        raise ConvertError(f"{names} cover part of {native} and the width of the rest is unknown "
+                           "without the model: convert to kohya or diffusers instead", file=path,
+                           key=next(iter(pieces.values())).name)
+    starts = [sum(sizes[j] for j in range(i)) for i in range(count + 1)]
+    order = sorted(factors)
+    down = torch.cat([factors[i][0] for i in order])
+    up = torch.zeros(starts[-1], down.shape[0], dtype=factors[order[0]][1].dtype)
+    col = 0
+    for i in order:
+        piece_up = factors[i][1]
+        up[starts[i]:starts[i] + piece_up.shape[0], col:col + piece_up.shape[1]] = piece_up
+        col += piece_up.shape[1]
+    return {"lora_down.weight": down.contiguous(), "lora_up.weight": up, "alpha": torch.tensor(float(down.shape[0]))}
+
+
+def _swapped(module: Module, src) -> dict[str, torch.Tensor]:
+    """A LoRA whose change is stored with its output halves exchanged: its up rows swapped."""
+    down, up = _lora_factors(module, src)
+    first, second = up.chunk(2, dim=0)
+    return {"lora_down.weight": down, "lora_up.weight": torch.cat((second, first)),
+            "alpha": torch.tensor(float(down.shape[0]))}
+
+
+def comfy_dit_plan(modules: list[Module], src, family: str | None, path: str):
+    """({ComfyUI name: (source modules, tensors)}, errors) for a file's diffusers DiT modules:
+    plain renames keep their tensors, pieces of one fused weight become one LoRA on it, changes
+    stored with swapped halves have their up rows swapped."""
+    if not modules:
+        return {}, []
+    family = family or dit_family(modules, path)
+    plan, errors = {}, []
+    fused: dict[tuple[str, str], dict[int, Module]] = {}
+    for module in modules:
+        shape = _shape(module)
+        renames = [r for r in _candidates(module, family)  # SD3's adaLN: by its rows, so known ones
+                   if not (r.layout or "").startswith("adaln")
+                   or (shape is not None and piece_offset(r.layout, 0, shape) is not None)]
+        if not renames:
+            errors.append(f"{path}: {module.name}: no {family} native name")
+            continue
+        rename = renames[0]
+        new = "diffusion_model." + dotted(rename.path)
+        if new in plan:
+            errors.append(f"{path}: {module.name} and {plan[new][0][0].name} both become {new}")
+            continue
+        try:
+            if rename.layout in ("qkv", "qkv_mlp"):
+                fused.setdefault((new, rename.layout), {})[rename.index] = module
+            elif rename.swap_halves:
+                plan[new] = ([module], _swapped(module, src))
+            else:
+                plan[new] = ([module], _module_tensors(module, src, "comfy"))
+        except ConvertError as exc:
+            errors.append(str(exc))
+    for (new, layout), pieces in fused.items():
+        try:
+            plan[new] = (list(pieces.values()), _fused(new, layout, pieces, src, path))
+        except ConvertError as exc:
+            errors.append(str(exc))
+    return plan, errors
+
+
 _PEFT_MAGNITUDE = ("lora_magnitude_vector", "lora_magnitude_vector.weight", "lora_magnitude_vector.default.weight")
 
 
@@ -284,13 +412,17 @@ def add_command(commands) -> None:
     parser.add_argument("file", help="adapter .safetensors file")
     parser.add_argument("--to", required=True, choices=STYLES, help="the style to write")
     add_output(parser)
+    parser.add_argument("--family", choices=sorted(FAMILIES),
+                        help="the model of a file's diffusers DiT names, for --to comfy (default: "
+                             "the one family whose names cover the file)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     check_output(args.out, args.force, [args.file])
-    result = convert_file(args.file, args.to, args.out, overwrite=args.force, quiet=args.quiet)
+    result = convert_file(args.file, args.to, args.out, overwrite=args.force, quiet=args.quiet,
+                          family=args.family)
     left = f"; {plural(len(result['left_out']), 'key')} left out" if result["left_out"] else ""
     print(f"wrote {args.out}: {plural(result['modules'], 'module')} in {args.to} style{left}")
     return 0
