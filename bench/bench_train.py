@@ -1,8 +1,10 @@
 """Training speed and memory: our LyCORIS Train vs ComfyUI core's Train LoRA, in the same run.
 
-Both train a rank-16 LoRA on the random SD1.5 UNet (the tests' cached checkpoint, loaded by the
-host's own checkpoint loader under inference mode, as in a prompt) from 64x64 latents, batch 1,
-AdamW, same dtype and gradient-checkpointing setting. Each trainer runs in its own subprocess so
+Both train a rank-16 LoRA from 64x64 latents, batch 1, AdamW, same dtype and gradient-checkpointing
+setting, on the random SD1.5 UNet (`--model sd15`: the tests' cached checkpoint, loaded by the
+host's own checkpoint loader under inference mode, as in a prompt) or on a tiny random DiT of
+tests/host/dit.py (`--model flux`, `sdxl`, `wan`, ...: the host's own model class with small widths,
+its latents and conditioning shaped by tests/host/dit_inputs.py). Each trainer runs in its own subprocess so
 its peak memory is its own: CUDA peak allocated memory on a GPU, peak resident memory (sampled every
 5 ms) above the level before training on a CPU. Steps/s is over the steps after the warm-up ones;
 "best step" uses the fastest step instead and "per CPU second" the process CPU time (steadier
@@ -12,7 +14,7 @@ Layers: core adapts every Linear/Conv (and adds dense diffs for every norm weigh
 uses the "full" preset with conv rank 16 (every Linear/Conv of the transformer and resnet blocks,
 conv_in/out, time embedding), i.e. the same LoRA layers without the norm/bias diffs.
 
-    python bench/bench_train.py [--steps 4] [--warmup 1] [--latent 64] [--rank 16]
+    python bench/bench_train.py [--model sd15|flux|...] [--steps 4] [--warmup 1] [--latent 64] [--rank 16]
                                 [--dtype auto|fp32|bf16] [--checkpointing on|off|both] [--json FILE]
 Needs ComfyUI at $COMFYUI_PATH or /opt/comfyui.
 """
@@ -57,10 +59,19 @@ class PeakRSS:
         self.peak = max(self.peak, self.process.memory_info().rss)
 
 
-def load_inputs(latent: int):
-    """(MODEL, CONDITIONING, LATENT) from the host's nodes under inference mode."""
-    import nodes
+def load_inputs(latent: int, family: str = "sd15"):
+    """(MODEL, CONDITIONING, LATENT) from the host's nodes under inference mode, or for a tiny DiT
+    family from its loader and input helpers."""
     import torch
+
+    if family != "sd15":
+        from host import dit, dit_inputs
+
+        model = dit.load(family)
+        g = torch.Generator().manual_seed(0)
+        samples = torch.randn(dit_inputs.latent_shape(family, model, size=latent), generator=g)
+        return model, dit_inputs.conditioning(family), {"samples": samples}
+    import nodes
 
     import folder_paths
     from host.checkpoint import cache_dir, ensure_checkpoint
@@ -92,6 +103,8 @@ def run_ours(model, cond, latents, args, dtype, checkpointing, stamps):
 
 
 def run_core(model, cond, latents, args, dtype, checkpointing, stamps):
+    import torch
+
     import comfy_extras.nodes_train as core
 
     init = core.TrainSampler.__init__
@@ -105,12 +118,23 @@ def run_core(model, cond, latents, args, dtype, checkpointing, stamps):
         init(self, loss_fn, optimizer, loss_callback=callback, **kw)
 
     core.TrainSampler.__init__ = patched_init
+    if args.model != "sd15":
+        # the tiny DiTs are built under inference mode, whose tensors core's trainer cannot save
+        # for backward (ours converts them itself): give core the same autograd-ready weights
+        from comfyui_lycoris_under_test.lycoris_core.train import autograd_safe
+
+        with torch.inference_mode(False):
+            autograd_safe(model.model.diffusion_model)
     core_dtype = "fp32" if dtype == "fp32" else "bf16"
-    core.TrainLoraNode().train(model, latents, cond, batch_size=1, steps=args.warmup + args.steps,
-                               grad_accumulation_steps=1, learning_rate=1e-4, rank=args.rank,
-                               optimizer="AdamW", loss_function="MSE", seed=0, training_dtype=core_dtype,
-                               lora_dtype=core_dtype, algorithm="LoRA",
-                               gradient_checkpointing=checkpointing, existing_lora="[None]")
+    settings = dict(batch_size=1, steps=args.warmup + args.steps, grad_accumulation_steps=1,
+                    learning_rate=1e-4, rank=args.rank, optimizer="AdamW", loss_function="MSE", seed=0,
+                    training_dtype=core_dtype, lora_dtype=core_dtype, algorithm="LoRA",
+                    gradient_checkpointing=checkpointing, existing_lora="[None]")
+    if hasattr(core.TrainLoraNode, "train"):  # hosts before the v3 node API
+        core.TrainLoraNode().train(model, latents, cond, **settings)
+    else:  # v3 node: every input is a list (is_input_list), plus bucket_mode
+        core.TrainLoraNode.execute(model=[model], latents=[latents], positive=[cond],
+                                   bucket_mode=[False], **{k: [v] for k, v in settings.items()})
 
 
 def worker(args) -> dict:
@@ -126,7 +150,7 @@ def worker(args) -> dict:
 
     device = mm.get_torch_device()
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    model, cond, latents = load_inputs(args.latent)
+    model, cond, latents = load_inputs(args.latent, args.model)
     checkpointing = args.worker_checkpointing == "on"
     stamps: list[float] = []
     run = run_ours if args.worker == "ours" else run_core
@@ -141,7 +165,8 @@ def worker(args) -> dict:
     pairs = list(zip([start] + stamps, stamps))[args.warmup:]
     times = [b[0] - a[0] for a, b in pairs]
     cpu = [b[1] - a[1] for a, b in pairs]
-    out = {"trainer": args.worker, "device": str(device), "dtype": dtype, "checkpointing": checkpointing,
+    out = {"trainer": args.worker, "model": args.model, "device": str(device), "dtype": dtype,
+           "checkpointing": checkpointing,
            "latent": args.latent, "rank": args.rank, "steps_timed": len(times),
            "step_seconds": [round(t, 3) for t in times], "steps_per_s": len(times) / sum(times),
            "best_steps_per_s": 1.0 / min(times), "step_cpu_seconds": [round(t, 3) for t in cpu],
@@ -157,6 +182,7 @@ def worker(args) -> dict:
 
 def spawn(name: str, checkpointing: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--worker-checkpointing", checkpointing,
+           "--model", args.model,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--latent", str(args.latent),
            "--rank", str(args.rank), "--dtype", args.dtype]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -169,6 +195,8 @@ def spawn(name: str, checkpointing: str, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="sd15", help="sd15, or a tiny DiT family of tests/host/dit.py "
+                        "(flux, sdxl, sd3, wan, ...)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per trainer")
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps")
     parser.add_argument("--latent", type=int, default=64, help="latent height = width")
@@ -191,7 +219,7 @@ def main() -> None:
         best = ours["best_steps_per_s"] / core["best_steps_per_s"]
         cpu = sum(core["step_cpu_seconds"]) / sum(ours["step_cpu_seconds"])
         memory = ours["peak_mem_bytes"] / max(core["peak_mem_bytes"], 1)
-        print(f"{ours['device']} {ours['dtype']} latent {args.latent}x{args.latent} rank {args.rank} "
+        print(f"{args.model} {ours['device']} {ours['dtype']} latent {args.latent}x{args.latent} rank {args.rank} "
               f"checkpointing {ckpt}: {ours['memory']}")
         for r in (ours, core):
             print(f"  {r['trainer']:5s} {r['steps_per_s']:.4f} steps/s (best step {r['best_steps_per_s']:.4f})  "

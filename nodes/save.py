@@ -28,20 +28,20 @@ def loras_root() -> str:
     return folder_paths.get_folder_paths("loras")[0]
 
 
-def _split_prefix(prefix: str, root: str) -> tuple[str, str]:
+def split_prefix(prefix: str, root: str, label: str = "loras") -> tuple[str, str]:
     """(absolute folder inside root, file stem) for a prefix like `lycoris/my_style`."""
     prefix = prefix.strip().replace("\\", "/")
     if not prefix or prefix.endswith("/"):
         raise ValueError(f"filename prefix {prefix!r} needs a file name part")
     folder = os.path.abspath(os.path.join(root, os.path.dirname(prefix)))
     if os.path.commonpath([folder, os.path.abspath(root)]) != os.path.abspath(root):
-        raise ValueError(f"filename prefix {prefix!r} leaves the loras folder")
+        raise ValueError(f"filename prefix {prefix!r} leaves the {label} folder")
     return folder, os.path.basename(prefix)
 
 
 def next_free_path(root: str, prefix: str) -> str:
     """`<prefix>_NNNNN_.safetensors` with NNNNN one above the highest existing number."""
-    folder, stem = _split_prefix(prefix, root)
+    folder, stem = split_prefix(prefix, root)
     os.makedirs(folder, exist_ok=True)
     pattern = re.compile(re.escape(stem) + r"_(\d+)_\.safetensors$")
     numbers = [int(m.group(1)) for f in os.listdir(folder) if (m := pattern.match(f))]

@@ -22,6 +22,16 @@ copied (`activations_copied`, switched on at the first backward that finds an ac
 in place, so models that need no copies pay nothing), and fused RoPE kernels without a backward
 get one (`host_compat`).
 
+Objective options (`ObjectiveOptions`): noise levels t drawn uniform or logit-normal, mapped to
+sigma by the model's own schedule or, for flow models, a fixed or Flux-resolution shift; Flux
+guidance set on the conditioning; min-SNR-gamma weights for epsilon/v models (SNR = 1/sigma^2);
+offset noise; caption dropout to an empty-caption (or zero) conditioning; gradient accumulation
+(all micro-batches of a step drawn at once, so N x b equals one batch of N*b).
+
+Save every N steps writes the adapter and, beside it, `<name>.optim.pt` (optimizer per parameter
+name, schedule, loss scaler, the objective's generator and image order, the global RNG); resuming
+from that file with `resume_state` continues exactly, with `steps` counting the whole run.
+
 Interruption (the queue's cancel button): training stops at the next step and the node returns
 what was trained so far (MODEL, LYCORIS, loss) instead of failing, so a Save LyCORIS node
 downstream still writes it; the log and the node text say that it was interrupted and after how
@@ -33,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -47,12 +58,13 @@ import folder_paths
 
 from ..lycoris_core import AdapterFile
 from ..lycoris_core.io import parse_json
-from ..lycoris_core.save import standard_metadata
-from ..lycoris_core.train import (OPTIMIZERS, PRESETS, SCHEDULES, Dropout, Root, Trainer,
+from ..lycoris_core.save import save_file, standard_metadata
+from ..lycoris_core.train import (OPTIMIZERS, PRESETS, SCHEDULES, TIMESTEP_SAMPLING, Dropout, Root, Trainer,
                                   activations_copied, attached, autograd_safe, checkpoint_blocks,
                                   checkpointed, create_adapters, default_kinds, freeze, frozen,
-                                  kohya_name, resume_adapters, select_targets, trainable_algorithms,
-                                  wrapper_weights_kept)
+                                  flux_resolution_shift, kohya_name, min_snr_weight, offset_noise,
+                                  resume_adapters, sample_t, select_targets, shift_t,
+                                  trainable_algorithms, wrapper_weights_kept)
 from .apply import apply_lycoris
 from .host_compat import (dequantiser_for, differentiable_rope, read_adapters, send_progress_text,
                           training_flag)
@@ -190,38 +202,128 @@ def output_scale(model_sampling, sigma: torch.Tensor, ndim: int) -> torch.Tensor
                 - model_sampling.calculate_denoised(sigma.float(), zero + 1, zero))
 
 
-class Objective:
-    """Batches, noise and noise levels for each step (seeded), and the MSE in model-output space."""
+SHIFTS = ("model", "fixed", "flux resolution")
 
-    def __init__(self, n_images: int, batch_size: int, seed: int):
+
+@dataclass
+class ObjectiveOptions:
+    """How noise levels are drawn and the loss weighted (defaults: the model's own schedule,
+    uniform, unweighted, as before these options existed)."""
+
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: str = "model"
+    shift_value: float = 3.0
+    min_snr_gamma: float = 0.0
+    noise_offset: float = 0.0
+    caption_dropout: float = 0.0
+    accumulation: int = 1
+
+    def __post_init__(self):
+        if self.shift not in SHIFTS:
+            raise ValueError(f"unknown timestep shift {self.shift!r} (known: {', '.join(SHIFTS)})")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], found {self.caption_dropout}")
+
+    def check(self, objective: str) -> None:
+        """Refuse options the model's objective has no meaning for, before any work."""
+        if self.shift != "model" and not objective.startswith("flow matching"):
+            raise ValueError(f"timestep shift {self.shift!r} applies to flow-matching models; this model "
+                             f"trains {objective}: use the shift \"model\"")
+        if self.min_snr_gamma and objective not in ("epsilon", "v-prediction"):
+            raise ValueError(f"min_snr_gamma weights epsilon and v-prediction models; this model trains "
+                             f"{objective}: set it to 0")
+
+
+class Objective:
+    """Batches, noise and noise levels for each step (seeded), and the MSE in model-output space.
+
+    With gradient accumulation N, the samples of one optimiser step (N micro-batches) are drawn at
+    once, so N x batch b draws exactly what one batch of N*b would."""
+
+    def __init__(self, n_images: int, batch_size: int, seed: int, options: ObjectiveOptions | None = None):
         self.n = n_images
         self.batch_size = min(batch_size, n_images)
+        self.options = options or ObjectiveOptions()
         self.g = torch.Generator().manual_seed(seed)
         self.order: list[int] = []
+        self.batches: list[tuple] = []  # the micro-batches of the current optimiser step
+        self.cursor = 0
 
-    def indices(self) -> list[int]:
-        """The next batch of a reshuffled-every-epoch order of the images."""
+    def indices(self, count: int | None = None) -> list[int]:
+        """The next `count` (default: a batch) of a reshuffled-every-epoch order of the images."""
         out = []
-        while len(out) < self.batch_size:
+        while len(out) < (count or self.batch_size):
             if not self.order:
                 self.order = torch.randperm(self.n, generator=self.g).tolist()
             out.append(self.order.pop())
         return out
 
-    def loss(self, model_wrap, extra_args: dict, x0_all: torch.Tensor, conds: list[dict]) -> torch.Tensor:
-        idx = self.indices()
-        x0 = x0_all[idx]
+    def state(self) -> dict:
+        """What a resumed run needs to draw the same batches next (taken between steps)."""
+        return {"generator": self.g.get_state(), "order": list(self.order)}
+
+    def load_state(self, state: dict) -> None:
+        self.g.set_state(state["generator"])
+        self.order = list(state["order"])
+        self.batches, self.cursor = [], 0
+
+    def rewind(self) -> None:
+        """Replay the current step's micro-batches (a step retried after switching on copies)."""
+        self.cursor = 0
+
+    def sigmas(self, t: torch.Tensor, ms, objective: str, latent_shape) -> torch.Tensor:
+        """The model's sigma for noise fractions `t`: through its own schedule (shift "model"), or
+        for flow models sigma = shifted t."""
+        o = self.options
+        o.check(objective)
+        if o.shift == "model":
+            sigma = torch.tensor([float(ms.percent_to_sigma(1.0 - float(v))) for v in t])
+        elif o.shift == "fixed":
+            sigma = shift_t(t, o.shift_value)
+        else:
+            sigma = shift_t(t, flux_resolution_shift((latent_shape[-2] // 2) * (latent_shape[-1] // 2)))
+        return sigma.clamp(float(ms.sigma_min), float(ms.sigma_max))
+
+    def _draw(self, x0_all: torch.Tensor, ms, objective: str) -> None:
+        """Samples for one optimiser step, split into its micro-batches."""
+        o = self.options
+        b, count = self.batch_size, self.batch_size * o.accumulation
+        idx = self.indices(count)
+        noise = torch.randn((count,) + tuple(x0_all.shape[1:]), generator=self.g)
+        t = sample_t(count, self.g, o.timestep_sampling, o.logit_mean, o.logit_std)
+        noise = offset_noise(noise, o.noise_offset, self.g)
+        dropped = (torch.rand(count, generator=self.g) < o.caption_dropout).tolist() \
+            if o.caption_dropout > 0 else [False] * count
+        sigma = self.sigmas(t, ms, objective, x0_all.shape)
+        self.batches = [(idx[k:k + b], noise[k:k + b], sigma[k:k + b], dropped[k:k + b])
+                        for k in range(0, count, b)]
+        self.cursor = 0
+
+    def loss(self, model_wrap, extra_args: dict, x0_all: torch.Tensor, conds: list[dict],
+             dropped_cond: dict | None = None) -> torch.Tensor:
         ms = model_wrap.inner_model.model_sampling
-        noise = torch.randn(x0.shape, generator=self.g).to(device=x0.device, dtype=x0.dtype)
-        u = torch.rand(len(idx), generator=self.g).clamp(1e-4, 1 - 1e-4)
-        sigma = torch.tensor([ms.percent_to_sigma(float(v)) for v in u])
-        sigma = sigma.clamp(float(ms.sigma_min), float(ms.sigma_max)).to(x0.device)
+        objective = objective_name(ms)
+        if self.cursor >= len(self.batches):
+            self._draw(x0_all, ms, objective)
+        idx, noise, sigma, dropped = self.batches[self.cursor]
+        self.cursor += 1
+        x0 = x0_all[idx]
+        noise = noise.to(device=x0.device, dtype=x0.dtype)
+        sigma = sigma.to(x0.device)
         xt = ms.noise_scaling(sigma, noise, x0)
-        if len(conds) > 1:
-            model_wrap.conds["positive"] = [_batched_cond(conds, idx)]
+        if len(conds) > 1 or any(dropped):
+            pool = conds + [dropped_cond]
+            which = [len(conds) if d else (i if len(conds) > 1 else 0) for i, d in zip(idx, dropped)]
+            model_wrap.conds["positive"] = [_batched_cond(pool, which)]
         denoised = model_wrap(xt, sigma, **extra_args)
         err = (denoised.float() - x0.float()) / output_scale(ms, sigma, x0.ndim)
-        return err.square().mean()
+        if not self.options.min_snr_gamma:
+            return err.square().mean()
+        snr = 1.0 / sigma.float().square()  # VP models: sigma^2 = (1 - alpha_bar) / alpha_bar
+        weight = min_snr_weight(snr, self.options.min_snr_gamma, objective)
+        return (err.square().flatten(1).mean(1) * weight).mean()
 
 
 class TrainSampler(comfy.samplers.Sampler):
@@ -256,8 +358,10 @@ class _ActivationCopies:
     def __init__(self, stack: contextlib.ExitStack):
         self.stack, self.on = stack, False
 
-    def step(self, trainer: Trainer, loss_fn) -> float:
-        """One training step, switching copies on once if its backward asks for them."""
+    def step(self, trainer: Trainer, loss_fn, rewind=None) -> float:
+        """One training step, switching copies on once if its backward asks for them; `rewind()`
+        makes the retried step draw the same samples (and the dropouts the same draws)."""
+        rng = None if self.on else _rng_state()
         try:
             return trainer.step(loss_fn)
         except RuntimeError as exc:
@@ -265,38 +369,67 @@ class _ActivationCopies:
                 raise
         self.stack.enter_context(activations_copied())
         self.on = True
+        _set_rng_state(rng)
+        if rewind is not None:
+            rewind()
         return trainer.step(loss_fn)
+
+
+def _rng_state() -> tuple:
+    """The global CPU (and, once used, CUDA) RNG states: what dropouts draw from."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def run_training(model, latents: torch.Tensor, conditioning, pairs, trainer: Trainer, *,
                  steps: int, batch_size: int, seed: int, regularizer: Dropout | None,
-                 gradient_checkpointing: bool, unique_id=None) -> Progress:
-    """Train through the host's guider; returns the loss history. Interruption is kept in
-    `Progress.interrupted` (with the losses so far) instead of raised. Call outside inference mode."""
+                 gradient_checkpointing: bool, unique_id=None, options: ObjectiveOptions | None = None,
+                 dropped_conditioning=None, objective_state: dict | None = None,
+                 on_step=None) -> Progress:
+    """Train through the host's guider from `trainer.step_count` to `steps`; returns the loss
+    history. `dropped_conditioning` (one entry) replaces a caption dropped by caption dropout;
+    `objective_state` continues the batch/noise draws of a saved run; `on_step(done, objective)`
+    runs after every step. Interruption is kept in `Progress.interrupted` (with the losses so far)
+    instead of raised. Call outside inference mode."""
     progress = Progress()
-    objective = Objective(latents.shape[0], batch_size, seed)
-    pbar = comfy.utils.ProgressBar(steps)
+    objective = Objective(latents.shape[0], batch_size, seed, options)
+    if objective_state is not None:
+        objective.load_state(objective_state)
+    start = getattr(trainer, "step_count", 0)
+    pbar = comfy.utils.ProgressBar(max(1, steps - start))
+    n_captions = len(conditioning)
 
     def body(model_wrap, extra_args, x0_all):
         diffusion = model_wrap.inner_model.diffusion_model
         progress.objective = objective_name(model_wrap.inner_model.model_sampling)
         autograd_safe(diffusion)
         x0_all = x0_all.clone() if x0_all.is_inference() else x0_all
-        conds = [_thaw(c) for c in model_wrap.conds["positive"]]
+        processed = [_thaw(c) for c in model_wrap.conds["positive"]]
+        conds, dropped = processed[:n_captions], (processed[n_captions] if dropped_conditioning else None)
         model_wrap.conds["positive"] = conds
         blocks = checkpoint_blocks(diffusion) if gradient_checkpointing else []
         adapters_on = attached(pairs, regularizer=regularizer, dequantiser_for=dequantiser_for)
         with frozen(diffusion), adapters_on, checkpointed(blocks), contextlib.ExitStack() as stack:
             copies = _ActivationCopies(stack)
-            for step in range(steps):
+            for step in range(start, steps):
                 comfy.model_management.throw_exception_if_processing_interrupted()
-                loss = copies.step(trainer, lambda: objective.loss(model_wrap, extra_args, x0_all, conds))
+                loss = copies.step(trainer, lambda: objective.loss(model_wrap, extra_args, x0_all, conds, dropped),
+                                   objective.rewind)
                 progress.losses.append(loss)
                 send_progress_text(f"step {step + 1}/{steps}  loss {loss:.5f}  lr {trainer.lr:.3g}", unique_id)
                 pbar.update(1)
+                if on_step is not None:
+                    on_step(step + 1, objective)
 
     guider = comfy.samplers.CFGGuider(model)
-    guider.inner_set_conds({"positive": conditioning})
+    guider.inner_set_conds({"positive": list(conditioning) + list(dropped_conditioning or [])})
     guider.set_cfg(1.0)
     noise = torch.zeros((objective.batch_size,) + tuple(latents.shape[1:]), dtype=latents.dtype)
     try:
@@ -304,6 +437,113 @@ def run_training(model, latents: torch.Tensor, conditioning, pairs, trainer: Tra
     except comfy.model_management.InterruptProcessingException:
         progress.interrupted = True
     return progress
+
+
+def with_guidance(conditioning, guidance: float):
+    """The conditioning with every entry's Flux guidance set (as core's FluxGuidance node does)."""
+    return [[c[0], {**c[1], "guidance": guidance}] for c in conditioning]
+
+
+def zero_conditioning(conditioning):
+    """One conditioning entry shaped like the first, with every tensor zeroed: the "empty
+    caption" when no empty-caption conditioning is given."""
+    cross, extra = conditioning[0]
+    zero = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in extra.items()}
+    return [[torch.zeros_like(cross), zero]]
+
+
+def objective_metadata(o: ObjectiveOptions) -> dict[str, object]:
+    """kohya-style `ss_*` entries for the objective options that differ from the defaults."""
+    out: dict[str, object] = {"ss_gradient_accumulation_steps": o.accumulation}
+    if o.timestep_sampling != "uniform":
+        out.update(ss_timestep_sampling="logit_normal", ss_logit_mean=o.logit_mean, ss_logit_std=o.logit_std)
+    if o.shift == "fixed":
+        out["ss_discrete_flow_shift"] = o.shift_value
+    elif o.shift != "model":
+        out["ss_timestep_shift"] = o.shift
+    for key, value in (("ss_min_snr_gamma", o.min_snr_gamma), ("ss_noise_offset", o.noise_offset),
+                       ("ss_caption_dropout_rate", o.caption_dropout)):
+        if value:
+            out[key] = value
+    return out
+
+
+# ----- periodic saves and the optimizer state beside them ---------------------------------------------
+STATE_SUFFIX = ".optim.pt"
+STATE_FORMAT = "comfyui-lycoris train state 1"
+
+
+def state_path(adapter_path: str) -> str:
+    """`x.safetensors` -> `x.optim.pt`: the optimizer state saved beside an adapter file."""
+    return os.path.splitext(adapter_path)[0] + STATE_SUFFIX
+
+
+def train_state(trainer: Trainer, objective: Objective, device: torch.device) -> dict:
+    """Everything a resumed run needs to continue exactly: optimizer and schedule, the batch/noise
+    draws, and the global RNG that dropouts use (tensors, numbers and lists only: loads with
+    `torch.load(weights_only=True)`)."""
+    state = {"format": STATE_FORMAT, "trainer": trainer.state_dict(), "objective": objective.state(),
+             "rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def load_train_state(resume_file) -> dict | None:
+    """The optimizer state beside a `loras` file, or None when there is none."""
+    if resume_file in (None, "", NO_FILE):
+        return None
+    path = state_path(folder_paths.get_full_path_or_raise("loras", resume_file))
+    if not os.path.isfile(path):
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path}: not an optimizer state written by LyCORIS Train")
+    return state
+
+
+def restore_train_state(state: dict, trainer: Trainer, device: torch.device, steps: int) -> None:
+    """Put a saved run's optimizer, schedule and RNG back (the objective's draws go to run_training)."""
+    trainer.load_state_dict(state["trainer"])
+    if trainer.step_count >= steps:
+        raise ValueError(f"the resumed run already trained {trainer.step_count} steps: with its optimizer "
+                         f"state, steps counts the whole run, so set steps above {trainer.step_count} "
+                         "(or switch resume_state off)")
+    torch.set_rng_state(state["rng"])
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
+class Checkpoints:
+    """`on_step` hook of run_training: every `every` steps the adapters (fp32) and their optimizer
+    state, as `<prefix>_<run>_step<step>.safetensors` + `.optim.pt` in the host's output folder;
+    <run> is one above the highest run already there, so nothing is overwritten."""
+
+    def __init__(self, every: int, prefix: str, adapters: dict, trainer: Trainer, metadata, device):
+        from .save import split_prefix
+
+        folder, stem = split_prefix(prefix, folder_paths.get_output_directory(), "output")
+        os.makedirs(folder, exist_ok=True)
+        pattern = re.compile(re.escape(stem) + r"_(\d+)_step\d+\.safetensors$")
+        run = 1 + max((int(m.group(1)) for f in os.listdir(folder) if (m := pattern.match(f))), default=0)
+        self.base = os.path.join(folder, f"{stem}_{run:05d}")
+        self.every, self.adapters, self.trainer, self.metadata, self.device = every, adapters, trainer, metadata, device
+        self.saved: list[str] = []
+
+    def __call__(self, done: int, objective: Objective) -> None:
+        if done % self.every:
+            return
+        path = f"{self.base}_step{done:06d}.safetensors"
+        meta = self.metadata(done)
+        title = os.path.splitext(os.path.basename(path))[0]
+        meta.update({"ss_output_name": title, "modelspec.title": title})
+        save_file(self.adapters, path, meta, dtype=torch.float32)
+        tmp = state_path(path) + ".tmp"
+        torch.save(train_state(self.trainer, objective, self.device), tmp)
+        os.replace(tmp, state_path(path))
+        self.saved.append(path)
+        log.info("LyCORIS Train: saved step %d to %s", done, path)
 
 
 # ----- the node --------------------------------------------------------------------------------------
@@ -398,6 +638,50 @@ class LycorisTrain:
                 "resume_file": (loras, {"default": NO_FILE, "tooltip": "Continue training this file."}),
                 "captions": ("STRING", {"default": "", "multiline": True, "tooltip": "The captions as "
                              "text, one per line (only for the saved file's tag frequency metadata)."}),
+                "timestep_sampling": (list(TIMESTEP_SAMPLING), {"default": "uniform", "tooltip":
+                                      "How noise levels t are drawn: uniform, or logit-normal (sigmoid of "
+                                      "a normal draw; SD3/Flux trainers' choice) with the mean/std below."}),
+                "logit_mean": _float(default=0.0, min=-10.0, max=10.0, step=0.01,
+                                     tooltip="Logit-normal mean (0: centred on t = 0.5)."),
+                "logit_std": _float(default=1.0, min=0.01, max=10.0, step=0.01, tooltip="Logit-normal std."),
+                "timestep_shift": (list(SHIFTS), {"default": "model", "tooltip": "model: the model's own "
+                                   "noise schedule and shift (set it with ModelSamplingSD3/Flux before "
+                                   "this node). Flow models only: fixed: t' = s t / (1 + (s - 1) t) with "
+                                   "s = shift; flux resolution: Flux's shift for the latent size."}),
+                "shift": _float(default=3.0, min=0.01, max=100.0, step=0.01,
+                                tooltip="The fixed timestep shift s (SD3: 3.0)."),
+                "flux_guidance": _float(default=-1.0, min=-1.0, max=100.0, step=0.1, tooltip="Guidance "
+                                        "value fed to guidance-distilled models (Flux dev) while training; "
+                                        "-1 keeps the conditioning's (FluxGuidance node, else the model's "
+                                        "default)."),
+                "min_snr_gamma": _float(default=0.0, min=0.0, max=100.0, step=0.1, tooltip="Min-SNR-gamma "
+                                        "loss weighting for epsilon and v-prediction models (5 is usual; "
+                                        "0: off)."),
+                "noise_offset": _float(default=0.0, min=0.0, max=1.0, step=0.005, tooltip="Adds this times "
+                                       "a per-channel constant to the noise (0.05-0.1 helps very dark/bright "
+                                       "images; 0: off)."),
+                "caption_dropout": _float(default=0.0, min=0.0, max=1.0, step=0.01, tooltip="Probability "
+                                          "that an image is trained with the empty caption instead of its "
+                                          "own (the empty_conditioning input, else zeros shaped like the "
+                                          "conditioning)."),
+                "empty_conditioning": ("CONDITIONING", {"tooltip": "The empty caption (a text encoder fed "
+                                       "\"\") for caption dropout; without it a dropped caption is zeros."}),
+                "gradient_accumulation": _int(default=1, min=1, max=1024, tooltip="Micro-batches per "
+                                              "optimizer step: N x batch_size images per update at the "
+                                              "memory of one batch."),
+                "oft_blocks": _int(default=0, min=0, max=4096, tooltip="Diag-OFT: a fixed number of blocks "
+                                   "per layer instead of a fixed block size (rank); 0: off."),
+                "train_norm": ("BOOLEAN", {"default": False, "tooltip": "Also train the norm layers of the "
+                               "selected blocks (additive scale/shift deltas, LyCORIS's train_norm)."}),
+                "save_every": _int(default=0, min=0, max=1_000_000, tooltip="Save the adapter every N steps "
+                                   "into the output folder (with its optimizer state beside it, "
+                                   "<name>.optim.pt); 0: off."),
+                "save_prefix": ("STRING", {"default": "lycoris/checkpoint", "tooltip": "Path inside the "
+                                "output folder for save_every: <prefix>_<run>_step<step>.safetensors."}),
+                "resume_state": ("BOOLEAN", {"default": True, "tooltip": "When resume_file has a "
+                                 "<name>.optim.pt beside it: continue its optimizer, schedule and data "
+                                 "order exactly; steps then counts the whole run (the saved steps "
+                                 "included)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -418,7 +702,11 @@ class LycorisTrain:
               factor=-1, decompose_both=False, use_tucker=False, use_scalar=False, dora="off",
               constraint=0.0, rescaled=False, train_on_input=False, dropout=0.0, rank_dropout=0.0,
               module_dropout=0.0, weight_decay=0.0, max_grad_norm=1.0, resume_lycoris=None,
-              resume_file=NO_FILE, captions="", unique_id=None):
+              resume_file=NO_FILE, captions="", timestep_sampling="uniform", logit_mean=0.0,
+              logit_std=1.0, timestep_shift="model", shift=3.0, flux_guidance=-1.0, min_snr_gamma=0.0,
+              noise_offset=0.0, caption_dropout=0.0, empty_conditioning=None, gradient_accumulation=1,
+              oft_blocks=0, train_norm=False, save_every=0, save_prefix="lycoris/checkpoint",
+              resume_state=True, unique_id=None):
         global _interruptions
         samples = latents["samples"]
         n_images = samples.shape[0]
@@ -426,6 +714,18 @@ class LycorisTrain:
             raise ValueError(f"conditioning has {len(conditioning)} entries but there are {n_images} "
                              "images: give one caption for all or one per image")
         resume = self._resume_source(resume_lycoris, resume_file)
+        objective = ObjectiveOptions(timestep_sampling, logit_mean, logit_std, timestep_shift, shift,
+                                     min_snr_gamma, noise_offset, caption_dropout, gradient_accumulation)
+        conditioning = _thaw(conditioning)
+        dropped = None
+        if caption_dropout > 0:
+            dropped = _thaw(empty_conditioning[:1]) if empty_conditioning else zero_conditioning(conditioning)
+            if "guidance" in conditioning[0][1] and "guidance" not in dropped[0][1]:
+                dropped = with_guidance(dropped, conditioning[0][1]["guidance"])
+        if flux_guidance >= 0:
+            conditioning = with_guidance(conditioning, flux_guidance)
+            dropped = None if dropped is None else with_guidance(dropped, flux_guidance)
+        objective.check(objective_name(model.get_model_object("model_sampling")))
         hint = base_model_hint(model)
         mp = model.clone()
         if DTYPES[training_dtype] is not None:
@@ -437,6 +737,7 @@ class LycorisTrain:
                 torch.enable_grad(), torch.random.fork_rng(rng_devices):
             torch.manual_seed(seed)  # adapter init and dropout draws, without touching the caller's RNG
             differentiable_rope()
+            saved_state = load_train_state(resume_file) if resume_state and resume_lycoris is None else None
             if resume is not None:
                 built, kept = self._resumed(mp, resume, device)
                 options = {}
@@ -445,19 +746,48 @@ class LycorisTrain:
                                use_scalar=use_scalar, dora=DORA[dora], constraint=constraint,
                                rescaled=rescaled, on_input=train_on_input)
                 built = self._fresh(mp, hint, algorithm, preset, include_regex, exclude_regex, rank,
-                                    alpha, conv_rank, conv_alpha, options, device, unique_id)
+                                    alpha, conv_rank, conv_alpha, options, device, unique_id,
+                                    oft_blocks=oft_blocks, train_norm=train_norm)
                 kept = {}
                 options = {k: v for k, v in options.items() if k not in built.ignored["options"]}
+                options.update(oft_blocks=oft_blocks or None, train_norm=train_norm)
             trainer = Trainer(built.adapters, steps=steps, lr=learning_rate, optimizer=optimizer,
                               weight_decay=weight_decay, schedule=lr_schedule,
                               warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
-                              loss_scaling=compute == torch.float16 and device.type == "cuda")
+                              loss_scaling=compute == torch.float16 and device.type == "cuda",
+                              accumulation=gradient_accumulation)
+            if saved_state is not None:
+                restore_train_state(saved_state, trainer, device, steps)
+            start = trainer.step_count
             regularizer = Dropout(dropout, rank_dropout, module_dropout)
+            settings = dict(dropout=dropout or None, rank_dropout=rank_dropout or None,
+                            module_dropout=module_dropout or None)
+            if resume is None:
+                settings.update(preset=preset, include=include_regex.strip() or None,
+                                exclude=exclude_regex.strip() or None,
+                                **{k: v for k, v in options.items() if v not in (None, False)})
+            run = dict(learning_rate=learning_rate, optimizer=optimizer, lr_schedule=lr_schedule,
+                       warmup_steps=warmup_steps, seed=seed, batch_size=batch_size,
+                       training_dtype=training_dtype, gradient_checkpointing=gradient_checkpointing,
+                       max_grad_norm=max_grad_norm, weight_decay=weight_decay, interrupted=False,
+                       objective=objective, flux_guidance=flux_guidance)
+
+            def metadata(done: int, interrupted: bool = False) -> dict[str, str]:
+                return self._metadata({**kept, **built.adapters}, resume, settings, hint, done, samples,
+                                      captions, {**run, "interrupted": interrupted})
+
+            on_step = None
+            if save_every > 0:
+                on_step = Checkpoints(save_every, save_prefix, {**kept, **built.adapters}, trainer,
+                                      lambda done: metadata(done - start), device)
             comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
-            progress = run_training(mp, samples.clone(), _thaw(conditioning), built.pairs(), trainer,
+            progress = run_training(mp, samples.clone(), conditioning, built.pairs(), trainer,
                                     steps=steps, batch_size=batch_size, seed=seed,
                                     regularizer=regularizer,
-                                    gradient_checkpointing=gradient_checkpointing, unique_id=unique_id)
+                                    gradient_checkpointing=gradient_checkpointing, unique_id=unique_id,
+                                    options=objective, dropped_conditioning=dropped,
+                                    objective_state=None if saved_state is None else saved_state["objective"],
+                                    on_step=on_step)
         freeze(built.adapters)
         for a in built.adapters.values():
             a.to("cpu")
@@ -465,22 +795,10 @@ class LycorisTrain:
         if progress.interrupted:
             _interruptions += 1
             log.warning("LyCORIS Train interrupted after %d of %d steps: returning what was trained",
-                        done, steps)
-            send_progress_text(f"interrupted after {done}/{steps} steps (kept)", unique_id)
+                        start + done, steps)
+            send_progress_text(f"interrupted after {start + done}/{steps} steps (kept)", unique_id)
         adapters = {**kept, **built.adapters}
-        settings = dict(dropout=dropout or None, rank_dropout=rank_dropout or None,
-                        module_dropout=module_dropout or None)
-        if resume is None:
-            settings.update(preset=preset, include=include_regex.strip() or None,
-                            exclude=exclude_regex.strip() or None,
-                            **{k: v for k, v in options.items() if v not in (None, False)})
-        meta = self._metadata(adapters, resume, settings, hint, done, samples, captions,
-                              dict(learning_rate=learning_rate, optimizer=optimizer,
-                                   lr_schedule=lr_schedule, warmup_steps=warmup_steps, seed=seed,
-                                   batch_size=batch_size, training_dtype=training_dtype,
-                                   gradient_checkpointing=gradient_checkpointing,
-                                   max_grad_norm=max_grad_norm, weight_decay=weight_decay,
-                                   interrupted=progress.interrupted))
+        meta = metadata(done, progress.interrupted)
         result = AdapterFile("", adapters, meta, [], sum(t.numel() * t.element_size()
                              for a in built.adapters.values() for t in a.export().values()), {})
         trained_model = apply_lycoris(model, None, result, 1.0, 0.0)[0]
@@ -500,14 +818,20 @@ class LycorisTrain:
 
     @staticmethod
     def _fresh(mp, hint, algorithm, preset, include, exclude, rank, alpha, conv_rank, conv_alpha,
-               options, device, unique_id):
-        """New adapters on the selected layers of the diffusion model, named by the host's key map."""
+               options, device, unique_id, oft_blocks=0, train_norm=False):
+        """New adapters on the selected layers of the diffusion model, named by the host's key map;
+        with `train_norm`, `norm` adapters on the norm layers of the same selection too."""
         root = Root(mp.model.diffusion_model, "lora_unet", "unet", module_names(mp, hint))
         targets = select_targets(root, preset, include=include, exclude=exclude,
                                  kinds=default_kinds(algorithm), conv=conv_rank > 0)
         built = create_adapters(targets, algorithm, rank, alpha, conv_rank=conv_rank,
                                 conv_alpha=conv_alpha, device=device, dequantiser_for=dequantiser_for,
-                                **options)
+                                oft_blocks=oft_blocks, **options)
+        if train_norm and "norm" not in default_kinds(algorithm):
+            norms = select_targets(root, preset, include=include, exclude=exclude, kinds=("norm",))
+            extra = create_adapters(norms, "norm", device=device)
+            built.adapters.update(extra.adapters)
+            built.modules.update(extra.modules)
         unfit = built.ignored.get("cannot create", [])
         if unfit:
             log.warning("LyCORIS Train: %s cannot adapt %d of the selected layers with these settings, "
@@ -543,7 +867,7 @@ class LycorisTrain:
         tags = tag_frequency(lines, samples.shape[0]) if lines else None
         spatial = tuple(samples.shape[-2:]) if hint is not None and samples.ndim == 4 else None
         extra = {"ss_learning_rate": run["learning_rate"], "ss_unet_lr": run["learning_rate"],
-                 "ss_optimizer": f"torch.optim.{run['optimizer']}",
+                 "ss_optimizer": "{0.module}.{0.attr}".format(OPTIMIZERS[run["optimizer"]]),
                  "ss_lr_scheduler": run["lr_schedule"], "ss_lr_warmup_steps": run["warmup_steps"],
                  "ss_seed": run["seed"], "ss_batch_size_per_device": run["batch_size"],
                  "ss_num_train_images": samples.shape[0],
@@ -552,6 +876,9 @@ class LycorisTrain:
                  "ss_weight_decay": run["weight_decay"], "ss_network_train_text_encoder_only": False,
                  "ss_training_comment": "trained in ComfyUI with comfyui-lycoris"
                  + (f" (interrupted after {done} steps)" if run["interrupted"] else "")}
+        extra.update(objective_metadata(run["objective"]))
+        if run["flux_guidance"] >= 0:
+            extra["ss_guidance_scale"] = run["flux_guidance"]
         meta = dict(previous)
         meta.update(standard_metadata(
             adapters, network_args=args, base_model=hint, steps=prev_steps + done,

@@ -86,7 +86,7 @@ def create_adapters(targets: Iterable[Target], algo: str, rank: int = 4, alpha: 
                     conv_rank: int | None = None, conv_alpha: float | None = None,
                     device: torch.device | str | None = None,
                     dequantiser_for: Callable[[nn.Module], Callable | None] | None = None,
-                    **options) -> Built:
+                    oft_blocks: int = 0, **options) -> Built:
     """A fresh adapter of `algo` (standard init, dW = 0, fp32, requires_grad) for every target.
 
     Convs with a spatial kernel use `conv_rank`/`conv_alpha` (default: the linear values). Options
@@ -97,6 +97,8 @@ def create_adapters(targets: Iterable[Target], algo: str, rank: int = 4, alpha: 
     block size that splits the channels). Raises when no adapter at all could be made.
     `dequantiser_for(module)` gives a dequantiser for layers with quantised storage (see
     `LayerSpec.dequantise`), so DoRA starts from the true weight norm.
+    `oft_blocks` > 0 gives Diag-OFT a fixed number of blocks per layer (block size = output
+    channels / blocks) instead of a fixed block size (`rank`); layers it does not divide are left out.
     """
     cls = REGISTRY.get(algo)
     if cls is None or not layer_kinds(algo):
@@ -123,6 +125,8 @@ def create_adapters(targets: Iterable[Target], algo: str, rank: int = 4, alpha: 
                 kw["alpha"] = conv_alpha
         try:
             adapter = cls.create(spec, **kw)
+            if oft_blocks:
+                _set_block_count(adapter, oft_blocks)
         except LycorisError as exc:
             unfit.append(f"{t.name} ({spec.kind} {list(spec.weight_shape)}): {exc.reason}")
             continue
@@ -142,6 +146,20 @@ def create_adapters(targets: Iterable[Target], algo: str, rank: int = 4, alpha: 
         raise LycorisError(f"no layer to train: {algo} trains {'/'.join(kinds)} layers and the "
                            "selection holds none")
     return built
+
+
+def _set_block_count(adapter: Adapter, blocks: int) -> None:
+    """Re-lay a fresh Diag-OFT's zero blocks as `blocks` blocks of out_dim / blocks channels."""
+    current = getattr(adapter, "oft_blocks", None)
+    if current is None or current.ndim != 3:
+        raise LycorisError(f"a fixed number of blocks applies to diag-oft only, not {adapter.algo}")
+    n, b, _ = current.shape
+    out_dim = n * b
+    if blocks < 1 or out_dim % blocks:
+        raise LycorisError(f"{blocks} blocks do not split {out_dim} output channels")
+    size = out_dim // blocks
+    adapter.set_tensor("oft_blocks", torch.zeros(blocks, size, size, dtype=current.dtype,
+                                                 device=current.device), True)
 
 
 def trainable_copy(adapter: Adapter, device: torch.device | str | None = None) -> Adapter:

@@ -10,6 +10,7 @@ lycoris-formats.md section 6). An Adapter class may name more in a `no_decay` cl
 """
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,9 +22,38 @@ from ..algos import Adapter
 from ..errors import LycorisError
 from ..layer import LayerSpec
 
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam, "SGD": torch.optim.SGD,
-    "RMSprop": torch.optim.RMSprop,
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """Where an optimiser class lives, the pip package that provides it, and keywords it always
+    gets (e.g. Adafactor with a fixed learning rate instead of its own relative step)."""
+
+    module: str
+    attr: str
+    package: str | None = None  # None: part of torch
+    defaults: tuple[tuple[str, object], ...] = ()
+
+    def load(self, name: str) -> type[torch.optim.Optimizer]:
+        """The optimiser class; a LycorisError naming the package to install when it is missing."""
+        try:
+            return getattr(importlib.import_module(self.module), self.attr)
+        except ImportError as exc:
+            raise LycorisError(f"optimizer {name} needs the package {self.package!r}, which is not "
+                               f"installed here: pip install {self.package} ({exc})") from None
+
+
+# every optimiser offered; the optional ones are listed always and explain themselves when missing
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "AdamW": OptimizerSpec("torch.optim", "AdamW"),
+    "Adam": OptimizerSpec("torch.optim", "Adam"),
+    "SGD": OptimizerSpec("torch.optim", "SGD"),
+    "RMSprop": OptimizerSpec("torch.optim", "RMSprop"),
+    "AdamW8bit": OptimizerSpec("bitsandbytes.optim", "AdamW8bit", "bitsandbytes"),
+    "Adafactor": OptimizerSpec("transformers.optimization", "Adafactor", "transformers",
+                               (("relative_step", False), ("scale_parameter", False),
+                                ("warmup_init", False))),
+    "Prodigy": OptimizerSpec("prodigyopt", "Prodigy", "prodigyopt"),
 }
 SCHEDULES = ("constant", "cosine")
 NO_DECAY_NAMES = frozenset({"dora_scale", "rescale", "scalar"})
@@ -71,14 +101,17 @@ def make_optimizer(adapters: Mapping[str, Adapter], name: str = "AdamW", lr: flo
     Adam/AdamW use torch's fused kernels (one kernel for all parameters, ~5x faster than the loop)
     when every parameter is a float tensor on CPU or CUDA, unless `fused` is given.
     """
-    if name not in OPTIMIZERS:
+    spec = OPTIMIZERS.get(name)
+    if spec is None:
         raise LycorisError(f"unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})")
+    cls = spec.load(name)
+    kwargs = {**dict(spec.defaults), **kwargs}
     groups = param_groups(adapters, weight_decay)
     params = [p for g in groups for p in g["params"]]
     if name in FUSED and "fused" not in kwargs and all(
             p.is_floating_point() and p.device.type in _fused_devices() for p in params):
         kwargs["fused"] = True
-    return OPTIMIZERS[name](groups, lr=lr, **kwargs)
+    return cls(groups, lr=lr, **kwargs)
 
 
 def lr_factor(step: int, total: int, schedule: str = "constant", warmup: int = 0) -> float:
@@ -155,14 +188,22 @@ class Dropout:
 
 
 class Trainer:
-    """Optimiser + schedule + gradient clipping (+ fp16 loss scaling) over a set of adapters."""
+    """Optimiser + schedule + gradient clipping (+ fp16 loss scaling) over a set of adapters.
+
+    With `accumulation` N each `step` calls the loss function N times and backpropagates each loss
+    divided by N before one optimiser update: for a loss that is a mean over its batch, N calls on
+    batches of b samples give the gradient of one batch of N*b samples.
+    """
 
     def __init__(self, adapters: Mapping[str, Adapter], *, steps: int, lr: float = 1e-4,
                  optimizer: str = "AdamW", weight_decay: float = 0.0, schedule: str = "constant",
                  warmup_steps: int = 0, max_grad_norm: float = 0.0, loss_scaling: bool = False,
-                 optimizer_kwargs: Mapping[str, object] | None = None):
+                 accumulation: int = 1, optimizer_kwargs: Mapping[str, object] | None = None):
+        if accumulation < 1:
+            raise LycorisError(f"gradient accumulation must be >= 1, found {accumulation}")
         self.adapters = adapters
         self.steps = steps
+        self.accumulation = accumulation
         self.optimizer = make_optimizer(adapters, optimizer, lr, weight_decay, **(optimizer_kwargs or {}))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, steps, schedule, warmup_steps))
@@ -177,21 +218,25 @@ class Trainer:
         return self.optimizer.param_groups[0]["lr"]
 
     def step(self, loss_fn: Callable[[], torch.Tensor]) -> float:
-        """One optimiser step on the loss `loss_fn()` returns; the loss as a float.
+        """One optimiser step on the loss `loss_fn()` returns (averaged over `accumulation` calls);
+        the loss as a float.
 
-        Raises LycorisError (naming the step) when the loss is NaN or Inf, before any update.
+        Raises LycorisError (naming the step) when a loss is NaN or Inf, before any update.
         """
         self.optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise LycorisError(f"loss is {value} at step {self.step_count + 1}: lower the learning "
-                               "rate or use a wider training dtype")
+        total = 0.0
+        for _ in range(self.accumulation):
+            loss = loss_fn()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise LycorisError(f"loss is {value} at step {self.step_count + 1}: lower the learning "
+                                   "rate or use a wider training dtype")
+            total += value
+            if self.accumulation > 1:
+                loss = loss / self.accumulation
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         if self.scaler is not None:
@@ -201,4 +246,44 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.step_count += 1
-        return value
+        return total / self.accumulation
+
+    # ----- state, keyed by parameter name so a resumed run may list its adapters in any order -----
+    def _named_params(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, adapter in self.adapters.items():
+            for pname, p in adapter.named_parameters():
+                if p.requires_grad:
+                    out[f"{name}.{pname}"] = p
+        return out
+
+    def state_dict(self) -> dict:
+        """Optimiser state per parameter name, the schedule position and the loss scaler: what a
+        resumed run needs to continue exactly (tensors on the CPU)."""
+        ids = {id(p): n for n, p in self._named_params().items()}
+        per_param = {ids[id(p)]: {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v)
+                                  for k, v in st.items()}
+                     for p, st in self.optimizer.state.items() if id(p) in ids}
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        return {"step": self.step_count, "param_state": per_param, "groups": groups,
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": None if self.scaler is None else self.scaler.state_dict()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Continue from `state_dict()` of an earlier run with the same adapters (in any order)."""
+        named = self._named_params()
+        saved = state["param_state"]
+        missing = sorted(n for n in named if n not in saved)
+        if missing and saved:
+            raise LycorisError(f"the optimizer state has no entry for {len(missing)} trainable "
+                               f"parameters (first: {missing[0]})")
+        index = {id(p): i for i, p in enumerate(self.params)}
+        current = self.optimizer.state_dict()
+        current["state"] = {index[id(p)]: dict(saved[name]) for name, p in named.items() if name in saved}
+        current["param_groups"] = [{**saved_group, "params": group["params"]}
+                                   for group, saved_group in zip(current["param_groups"], state["groups"])]
+        self.optimizer.load_state_dict(current)  # torch moves each state to its parameter's device
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step_count = int(state["step"])
