@@ -81,7 +81,7 @@ def assert_peft_file_merges(model, twin, path: str, compare_core: bool = True) -
     return report_at_1
 
 
-@pytest.mark.parametrize("family", dit.ALL_FAMILY_NAMES)
+@pytest.mark.parametrize("family", dit.FAMILY_NAMES)
 def test_the_host_builds_and_detects_each_tiny_family(family):
     model = tiny(family)
     assert type(model.model.model_config).__name__.startswith(dit.FAMILIES[family].detects_as)
@@ -90,7 +90,7 @@ def test_the_host_builds_and_detects_each_tiny_family(family):
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
-@pytest.mark.parametrize("family", dit.ALL_FAMILY_NAMES)
+@pytest.mark.parametrize("family", dit.FAMILY_NAMES)
 def test_peft_diffusers_files_merge_exactly(family, tmp_path):
     """A LoRA on every Linear (and Conv) of the diffusers twin, saved by diffusers: each lands with
     PEFT's own delta at strengths 1, 0.5, 0 and -0.5, agreeing with core wherever core patches."""
@@ -101,7 +101,7 @@ def test_peft_diffusers_files_merge_exactly(family, tmp_path):
     assert "merged" in report
 
 
-@pytest.mark.parametrize("family", dit.ALL_FAMILY_NAMES)
+@pytest.mark.parametrize("family", dit.FAMILY_NAMES)
 def test_peft_diffusers_files_bypass_like_merge(family, tmp_path):
     model = tiny(family)
     path = str(tmp_path / f"{family}_peft.safetensors")
@@ -109,7 +109,7 @@ def test_peft_diffusers_files_bypass_like_merge(family, tmp_path):
     assert_bypass_equals_merge(model, path)
 
 
-@pytest.mark.parametrize("family", dit.ALL_FAMILY_NAMES)
+@pytest.mark.parametrize("family", dit.FAMILY_NAMES)
 def test_every_module_of_a_peft_file_lands(family, tmp_path):
     """No module of a PEFT LoRA on every Linear of the diffusers model is left out."""
     path = str(tmp_path / f"{family}_all.safetensors")
@@ -217,7 +217,7 @@ def expected_blocks(family: str) -> set[str]:
     raise KeyError(family)
 
 
-@pytest.mark.parametrize("family", dit.ALL_FAMILY_NAMES)
+@pytest.mark.parametrize("family", dit.FAMILY_NAMES)
 def test_blocks_are_named_as_users_know_them(family):
     """Automatic block discovery on the host's own keys: Flux double/single blocks (D/S), SD3 joint
     blocks (J), Qwen-Image transformer blocks (T), Lumina layers and refiners, Wan blocks (B), SDXL
@@ -273,7 +273,7 @@ def lycoris_preset():
 # LoRA on every family; the other network algorithms on one family of each layout
 # LoRA on every family; the other network algorithms, and the other spellings of native names,
 # on a few families
-NETWORK_CASES = [(f, "lora", "kohya") for f in dit.ALL_FAMILY_NAMES] + [
+NETWORK_CASES = [(f, "lora", "kohya") for f in dit.FAMILY_NAMES] + [
     (f, a, "kohya") for f in ("flux", "sd3", "wan21") for a in LYCORIS_NETWORK_ALGOS if a != "lora"] + [
     (f, "lora", style) for f in ("flux", "wan21", "qwen_image", "hunyuan_video") for style in ("comfy", "bfl_peft")]
 # how trainers spell a native module path: kohya/LyCORIS and musubi-tuner (`lora_unet_`, Wan and

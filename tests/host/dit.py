@@ -132,10 +132,7 @@ FAMILIES = {f.name: f for f in (
             "in_dim": 16, "out_dim": 16},
            "WAN21"),
 )}
-ALL_FAMILY_NAMES = tuple(FAMILIES)
-# the families LyCORIS Train's tests run on: HiDream loads and takes every file format, but the
-# test inputs (tests/host/dit_inputs.py) do not build its Llama hidden-state conditioning yet
-FAMILY_NAMES = tuple(name for name in ALL_FAMILY_NAMES if name != "hidream")
+FAMILY_NAMES = tuple(FAMILIES)
 
 
 def _operations():

@@ -4,7 +4,7 @@ A latent has the channels and dimensionality the host's latent format says (`lat
 `latent_dimensions`: video families get [B, C, T, H, W]), unless the tiny model is narrower than
 the host's format. A conditioning is the host's list `[[cross_attn, {"pooled_output": ...}]]`
 with the text width the tiny model embeds and, where the model takes a vector input, a pooled
-output of that width; the host's `extra_conds` adds what the family needs from there (Flux
+output of that width (HiDream also gets its Llama hidden states); the host's `extra_conds` adds what the family needs from there (Flux
 guidance, Lumina's token count, SDXL's size embeddings).
 """
 from __future__ import annotations
@@ -42,6 +42,8 @@ def context_width(family: str) -> int:
     for key in CONTEXT_KEYS:
         if key in config:
             return config[key]
+    if "caption_channels" in config:  # HiDream: T5 width first, then the Llama width
+        return config["caption_channels"][0]
     embedder = config.get("context_embedder_config")
     if embedder is not None:
         return embedder["params"]["in_features"]
@@ -53,6 +55,8 @@ def pooled_width(family: str) -> int | None:
     config = dit.FAMILIES[family].config
     if config.get("vec_in_dim") is not None:
         return config["vec_in_dim"]
+    if "text_emb_dim" in config:  # HiDream's pooled CLIP-L + CLIP-G
+        return config["text_emb_dim"]
     adm = config.get("adm_in_channels")
     if adm is None:
         return None
@@ -67,4 +71,10 @@ def conditioning(family: str, seed: int = 0, tokens: int = TOKENS) -> list:
     extra = {"pooled_output": None if pooled is None else torch.randn(1, pooled, generator=g)}
     if family in MASKED:
         extra["attention_mask"] = torch.ones(1, tokens, dtype=torch.long)
+    config = dit.FAMILIES[family].config
+    if "llama_layers" in config:
+        # HiDream: the hidden states of every Llama layer, [B, layers, tokens, width]; the model
+        # reads the layers its config lists
+        layers = max(config["llama_layers"]) + 1
+        extra["conditioning_llama3"] = torch.randn(1, layers, tokens, config["caption_channels"][1], generator=g)
     return [[cross, extra]]
