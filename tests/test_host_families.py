@@ -21,7 +21,8 @@ from safetensors.torch import load_file as read_safetensors
 from safetensors.torch import save_file
 
 from host import dit, peft_files
-from host.dit_checks import assert_bypass_equals_merge, changed_keys, core, merged_weights, ours, tiny
+from host.dit_checks import (assert_bypass_equals_merge, changed_keys, core, expected_change, merged_weights, ours,
+                              targets_of, tiny)
 from host.helpers import load, module_at, pack_module, rel_err, unload_all
 
 STRENGTHS = (1.0, 0.5, 0.0, -0.5)
@@ -29,21 +30,6 @@ FP32_TOL = 1e-5
 
 
 pytestmark = pytest.mark.usefixtures("quiet_and_unloaded")
-
-
-def targets_of(model, path: str):
-    """Our key map's resolution of a file: (targets, unmatched names)."""
-    adapters = pack_module("nodes.host_compat").read_adapters(path)
-    resolution = pack_module("nodes.keymap").KeyMap(model).resolve(adapters)
-    return resolution.targets, resolution.unmatched
-
-
-def expected_change(target, twin, strength: float) -> torch.Tensor:
-    """PEFT's own change of the file module `target.name`, as the host lays out that weight."""
-    delta = strength * peft_files.peft_delta(twin, target.name.split(".", 1)[1])
-    if target.function is not None:
-        delta = target.function(delta)
-    return delta
 
 
 def assert_peft_file_merges(model, twin, path: str, compare_core: bool = True) -> str:

@@ -183,14 +183,16 @@ def _detection_overlaid(values: dict, config_class: str | None):
         md.detect_unet_config, md.model_config_from_unet_config = detect, choose
 
 
-def load(family: str, seed: int = 0):
-    """A ModelPatcher for a tiny `family` model, as the host's UNET loader gives it."""
+def load(family: str, seed: int = 0, dtype: torch.dtype | None = None):
+    """A ModelPatcher for a tiny `family` model, as the host's UNET loader gives it (with its
+    `weight_dtype` option set to `dtype` when given)."""
     import comfy.sd
 
     fam = FAMILIES[family]
     sd = state_dict(family, seed)
+    options = {} if dtype is None else {"dtype": dtype}
     with torch.inference_mode(), _detection_overlaid(fam.host_config(), fam.config_class):
-        model = comfy.sd.load_diffusion_model_state_dict(sd)
+        model = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options)
     if model is None:
         raise RuntimeError(f"the host did not detect the tiny {family} model")
     found = type(model.model.model_config).__name__

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from . import dit
+from . import dit, peft_files
 from .helpers import load, module_outputs, pack_module, rel_err, unload_all
 
 FP32_TOL = 1e-5
@@ -78,3 +78,18 @@ def assert_bypass_equals_merge(model, path: str, strength: float = 0.8) -> None:
 def load_and(model):
     load(model)
     return model
+
+
+def targets_of(model, path: str):
+    """Our key map's resolution of a file: (targets, unmatched names)."""
+    adapters = pack_module("nodes.host_compat").read_adapters(path)
+    resolution = pack_module("nodes.keymap").KeyMap(model).resolve(adapters)
+    return resolution.targets, resolution.unmatched
+
+
+def expected_change(target, twin, strength: float) -> torch.Tensor:
+    """PEFT's own change of the file module `target.name`, as the host lays out that weight."""
+    delta = strength * peft_files.peft_delta(twin, target.name.split(".", 1)[1])
+    if target.function is not None:
+        delta = target.function(delta)
+    return delta
