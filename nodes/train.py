@@ -181,6 +181,122 @@ def tag_frequency(captions: list[str], n_images: int) -> dict[str, int]:
     return dict(counts)
 
 
+# ----- text-encoder training ----------------------------------------------------------------------
+# transformer classes of the host's text encoders that get trained adapters: CLIP and T5 (SD1.x/2.x,
+# SDXL, SD3, Flux). LLM encoders (Qwen2.5-VL, Gemma, Llama, Qwen3) are refused: billions of
+# parameters, and their trainers leave them frozen.
+TRAINABLE_TEXT_ENCODERS = frozenset({"CLIPTextModel", "T5"})
+TE_PRESET = "attn-mlp"  # the text encoders' attention and MLP Linears (kohya's text-encoder LoRA)
+TE_NAME = re.compile(r"lora_te(\d*)_")
+
+
+def text_encoder_classes(clip) -> list[str]:
+    """The transformer class of every text encoder inside a CLIP object (one per encoder)."""
+    import comfy.sd1_clip
+
+    return [type(m.transformer).__name__ for m in clip.cond_stage_model.modules()
+            if isinstance(m, comfy.sd1_clip.SDClipModel) and hasattr(m, "transformer")]
+
+
+def check_trainable_text_encoder(clip) -> None:
+    """Refuse, naming them, text encoders that are not CLIP/T5 (LLM encoders) or none at all."""
+    found = text_encoder_classes(clip)
+    unfit = sorted({c for c in found if c not in TRAINABLE_TEXT_ENCODERS})
+    if not found or unfit:
+        what = ", ".join(unfit) if unfit else "no CLIP/T5 text encoder"
+        raise ValueError(f"train_text_encoder: this CLIP holds {what}; text-encoder training is offered "
+                         f"for CLIP and T5 encoders only (SD1.x/2.x, SDXL, SD3, Flux), not for LLM "
+                         "encoders: switch train_text_encoder off")
+
+
+def text_encoder_names(clip) -> dict[str, str]:
+    """Text-encoder module path (inside `cond_stage_model`) -> kohya name, one of the names the
+    host's key map gives it: `lora_te_` for a lone CLIP (SD1.x/2.x), `lora_te1_`/`lora_te2_` for
+    CLIP-L/CLIP-G beside others (SDXL, SD3, Flux), and the highest, `lora_te3_`, for T5 (kohya's)."""
+    lone = len(text_encoder_classes(clip)) == 1
+    candidates: dict[str, list[tuple[int, str]]] = {}
+    for name, value in comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}).items():
+        match = TE_NAME.match(name)
+        if match and isinstance(value, str) and value.endswith(".weight"):
+            candidates.setdefault(value[:-len(".weight")], []).append((int(match.group(1) or 0), name))
+    out = {}
+    for path, names in candidates.items():
+        encoder = getattr(clip.cond_stage_model, path.split(".", 1)[0], None)
+        if type(getattr(encoder, "transformer", None)).__name__ == "T5":
+            out[path] = max(names)[1]
+        else:
+            numbered = [n for n in names if n[0] > 0]
+            out[path] = min(names if lone or not numbered else numbered)[1]
+    return out
+
+
+def text_encoder_adapters(clip, algorithm, rank, alpha, options, exclude, oft_blocks):
+    """Fresh adapters on the CLIP/T5 attention and MLP Linears the host's loaders can name."""
+    names = text_encoder_names(clip)
+    root = Root(clip.cond_stage_model, "lora_te", "te", names)
+    targets = [t for t in select_targets(root, TE_PRESET, exclude=exclude, kinds=("linear",))
+               if t.path in names]
+    if not targets:
+        raise ValueError("train_text_encoder: no attention/MLP layer of this CLIP has a name the "
+                         "LoRA loaders know")
+    return create_adapters(targets, algorithm, rank, alpha, device=clip.patcher.load_device,
+                           dequantiser_for=dequantiser_for, oft_blocks=oft_blocks, **options)
+
+
+def check_text_encoder_inputs(clip, captions: list[str], n_images: int, resume) -> None:
+    """Refuse text-encoder training without what it needs, before any work."""
+    if clip is None:
+        raise ValueError("train_text_encoder needs the clip input (the text encoder to train)")
+    if not captions:
+        raise ValueError("train_text_encoder needs the captions input (one line per image, or one for "
+                         "all): the text encoder encodes them every step")
+    if len(captions) not in (1, n_images):
+        raise ValueError(f"captions has {len(captions)} lines but there are {n_images} images: give one "
+                         "caption for all or one per image")
+    if resume is not None:
+        raise ValueError("train_text_encoder starts fresh adapters: it cannot resume a saved adapter yet")
+    check_trainable_text_encoder(clip)
+
+
+class CaptionEncoder:
+    """The captions encoded through the CLIP with grad, for every step of text-encoder training.
+
+    Tokenised once; each step the batch's captions go through `clip.encode_from_tokens` (the host's
+    own path: clip skip, weights, pooled output) while the adapters sit on the encoder, and the
+    result replaces the cross-attention and pooled output of the image's processed cond, whose
+    model conds are rebuilt by the model's own `extra_conds` (so SDXL's size/pooled vector too)."""
+
+    def __init__(self, clip, captions: list[str]):
+        self.clip = clip
+        self.root = clip.cond_stage_model
+        self.tokens = [clip.tokenize(c) for c in captions]
+        self.count = len(captions)
+        self.extra_conds = self.templates = self.latent = None
+
+    def index(self, image: int) -> int:
+        return image if self.count > 1 else 0
+
+    def bind(self, model_wrap, templates: list[dict], x0_all: torch.Tensor) -> None:
+        """Called inside the guider: the processed conds to rebuild and the model that builds them."""
+        autograd_safe(self.root)
+        self.extra_conds = model_wrap.inner_model.extra_conds
+        self.templates, self.latent = templates, x0_all[:1]
+        self.device = x0_all.device
+
+    def encoded(self, wanted) -> list[dict | None]:
+        """Processed conds for caption indices `wanted` (others None), with grad to the encoder."""
+        out: list[dict | None] = [None] * self.count
+        for i in wanted:
+            cond, pooled = self.clip.encode_from_tokens(self.tokens[i], return_pooled=True)
+            base = self.templates[i if len(self.templates) > 1 else 0]
+            fresh = {**base, "cross_attn": cond, "model_conds": dict(base["model_conds"])}
+            if pooled is not None:
+                fresh["pooled_output"] = pooled
+            out[i] = comfy.samplers.encode_model_conds(self.extra_conds, [fresh], torch.zeros_like(self.latent),
+                                                       self.device, "positive", latent_image=self.latent)[0]
+        return out
+
+
 # ----- the loss through the host's sampling objects ------------------------------------------------
 def objective_name(model_sampling) -> str:
     """What the loss regresses for this host model: its prediction class, as named in OBJECTIVES
@@ -250,6 +366,7 @@ class Objective:
         self.order: list[int] = []
         self.batches: list[tuple] = []  # the micro-batches of the current optimiser step
         self.cursor = 0
+        self.captions: CaptionEncoder | None = None  # text-encoder training: conds encoded per step
 
     def indices(self, count: int | None = None) -> list[int]:
         """The next `count` (default: a batch) of a reshuffled-every-epoch order of the images."""
@@ -313,7 +430,13 @@ class Objective:
         noise = noise.to(device=x0.device, dtype=x0.dtype)
         sigma = sigma.to(x0.device)
         xt = ms.noise_scaling(sigma, noise, x0)
-        if len(conds) > 1 or any(dropped):
+        if self.captions is not None:
+            which = [self.captions.index(i) for i in idx]
+            fresh = self.captions.encoded({w for w, d in zip(which, dropped) if not d})
+            pool = fresh + [dropped_cond]
+            which = [len(fresh) if d else w for w, d in zip(which, dropped)]
+            model_wrap.conds["positive"] = [_batched_cond(pool, which)]
+        elif len(conds) > 1 or any(dropped):
             pool = conds + [dropped_cond]
             which = [len(conds) if d else (i if len(conds) > 1 else 0) for i, d in zip(idx, dropped)]
             model_wrap.conds["positive"] = [_batched_cond(pool, which)]
@@ -392,11 +515,12 @@ def run_training(model, latents: torch.Tensor, conditioning, pairs, trainer: Tra
                  steps: int, batch_size: int, seed: int, regularizer: Dropout | None,
                  gradient_checkpointing: bool, unique_id=None, options: ObjectiveOptions | None = None,
                  dropped_conditioning=None, objective_state: dict | None = None,
-                 on_step=None) -> Progress:
+                 on_step=None, captions: CaptionEncoder | None = None) -> Progress:
     """Train through the host's guider from `trainer.step_count` to `steps`; returns the loss
     history. `dropped_conditioning` (one entry) replaces a caption dropped by caption dropout;
     `objective_state` continues the batch/noise draws of a saved run; `on_step(done, objective)`
-    runs after every step. Interruption is kept in `Progress.interrupted` (with the losses so far)
+    runs after every step; `captions` (text-encoder training) encodes the batch's captions through
+    the CLIP every step instead of using `conditioning` as it is. Interruption is kept in `Progress.interrupted` (with the losses so far)
     instead of raised. Call outside inference mode."""
     progress = Progress()
     objective = Objective(latents.shape[0], batch_size, seed, options)
@@ -414,9 +538,14 @@ def run_training(model, latents: torch.Tensor, conditioning, pairs, trainer: Tra
         processed = [_thaw(c) for c in model_wrap.conds["positive"]]
         conds, dropped = processed[:n_captions], (processed[n_captions] if dropped_conditioning else None)
         model_wrap.conds["positive"] = conds
+        encoder_roots = []
+        if captions is not None:
+            captions.bind(model_wrap, conds, x0_all)
+            objective.captions = captions
+            encoder_roots.append(captions.root)
         blocks = checkpoint_blocks(diffusion) if gradient_checkpointing else []
         adapters_on = attached(pairs, regularizer=regularizer, dequantiser_for=dequantiser_for)
-        with frozen(diffusion), adapters_on, checkpointed(blocks), contextlib.ExitStack() as stack:
+        with frozen(diffusion, *encoder_roots), adapters_on, checkpointed(blocks), contextlib.ExitStack() as stack:
             copies = _ActivationCopies(stack)
             for step in range(start, steps):
                 comfy.model_management.throw_exception_if_processing_interrupted()
@@ -559,15 +688,17 @@ class LycorisTrain:
     """Train a LyCORIS adapter on a MODEL (any algorithm of the core)."""
 
     CATEGORY = CATEGORY
-    FUNCTION = "train"
-    RETURN_TYPES = ("MODEL", LYCORIS_TYPE, "LOSS_MAP", "IMAGE")
-    RETURN_NAMES = ("model", "lycoris", "loss", "loss_plot")
+    FUNCTION = "run"
+    RETURN_TYPES = ("MODEL", LYCORIS_TYPE, "LOSS_MAP", "IMAGE", "CLIP")
+    RETURN_NAMES = ("model", "lycoris", "loss", "loss_plot", "clip")
     OUTPUT_TOOLTIPS = ("The input model with the trained adapter applied.",
                        "The trained adapter (connect to Save LyCORIS, a LyCORIS apply node, or "
                        "another train node's resume input).",
                        "Loss per step ({\"loss\": [...]}, as core's Plot Loss Graph reads it) and "
                        "the objective trained (\"objective\": epsilon, v-prediction, flow matching...).",
-                       "The loss history drawn as an image.")
+                       "The loss history drawn as an image.",
+                       "The input CLIP with the trained text-encoder adapters applied (as given when "
+                       "train_text_encoder is off; empty without a clip input).")
     DESCRIPTION = ("Train a LyCORIS adapter (LoRA/LoCon, LoHa, LoKr, (IA)^3, GLoRA, Diag-OFT, BOFT, full, "
                    "norms; DoRA, Tucker, scalar) on the diffusion model from encoded images and "
                    "captions. The base weights are never changed (the adapter runs beside each layer), "
@@ -637,7 +768,17 @@ class LycorisTrain:
                                    "adapters are then ignored)."}),
                 "resume_file": (loras, {"default": NO_FILE, "tooltip": "Continue training this file."}),
                 "captions": ("STRING", {"default": "", "multiline": True, "tooltip": "The captions as "
-                             "text, one per line (only for the saved file's tag frequency metadata)."}),
+                             "text, one per line (one per image, or one for all): the saved file's tag "
+                             "frequency metadata, and what the text encoder encodes when it is trained."}),
+                "clip": ("CLIP", {"tooltip": "The text encoder(s) for train_text_encoder (CLIP/T5 of "
+                         "SD1.x/2.x, SDXL, SD3, Flux; left unchanged)."}),
+                "train_text_encoder": ("BOOLEAN", {"default": False, "tooltip": "Also train adapters on "
+                                       "the text encoder's attention and MLP layers (needs clip and "
+                                       "captions; each step re-encodes the batch's captions, replacing "
+                                       "the conditioning's text). Not offered for LLM text encoders."}),
+                "text_encoder_lr": _float(default=5e-5, min=0.0, max=10.0, step=1e-6, round=False,
+                                          tooltip="Learning rate of the text-encoder adapters (its own "
+                                          "optimizer group, same schedule; 0 keeps them at their start)."),
                 "timestep_sampling": (list(TIMESTEP_SAMPLING), {"default": "uniform", "tooltip":
                                       "How noise levels t are drawn: uniform, or logit-normal (sigmoid of "
                                       "a normal draw; SD3/Flux trainers' choice) with the mean/std below."}),
@@ -696,7 +837,15 @@ class LycorisTrain:
         st = os.stat(path)
         return (_interruptions, path, st.st_mtime_ns, st.st_size)
 
-    def train(self, model, latents, conditioning, algorithm, preset, rank, alpha, conv_rank,
+    def run(self, **inputs):
+        """The node: trained model, adapter, loss, loss plot and the CLIP with its trained adapters."""
+        return self._train(**inputs)
+
+    def train(self, **inputs):
+        """The first four outputs (model, lycoris, loss, loss_plot), as before the CLIP output."""
+        return self._train(**inputs)[:4]
+
+    def _train(self, model, latents, conditioning, algorithm, preset, rank, alpha, conv_rank,
               conv_alpha, steps, batch_size, learning_rate, optimizer, lr_schedule, warmup_steps,
               seed, gradient_checkpointing, training_dtype, include_regex="", exclude_regex="",
               factor=-1, decompose_both=False, use_tucker=False, use_scalar=False, dora="off",
@@ -706,7 +855,8 @@ class LycorisTrain:
               logit_std=1.0, timestep_shift="model", shift=3.0, flux_guidance=-1.0, min_snr_gamma=0.0,
               noise_offset=0.0, caption_dropout=0.0, empty_conditioning=None, gradient_accumulation=1,
               oft_blocks=0, train_norm=False, save_every=0, save_prefix="lycoris/checkpoint",
-              resume_state=True, unique_id=None):
+              resume_state=True, clip=None, train_text_encoder=False, text_encoder_lr=5e-5,
+              unique_id=None):
         global _interruptions
         samples = latents["samples"]
         n_images = samples.shape[0]
@@ -714,6 +864,9 @@ class LycorisTrain:
             raise ValueError(f"conditioning has {len(conditioning)} entries but there are {n_images} "
                              "images: give one caption for all or one per image")
         resume = self._resume_source(resume_lycoris, resume_file)
+        lines = [c.strip() for c in captions.splitlines() if c.strip()]
+        if train_text_encoder:
+            check_text_encoder_inputs(clip, lines, n_images, resume)
         objective = ObjectiveOptions(timestep_sampling, logit_mean, logit_std, timestep_shift, shift,
                                      min_snr_gamma, noise_offset, caption_dropout, gradient_accumulation)
         conditioning = _thaw(conditioning)
@@ -738,6 +891,7 @@ class LycorisTrain:
             torch.manual_seed(seed)  # adapter init and dropout draws, without touching the caller's RNG
             differentiable_rope()
             saved_state = load_train_state(resume_file) if resume_state and resume_lycoris is None else None
+            te_lrs, encoder = {}, None
             if resume is not None:
                 built, kept = self._resumed(mp, resume, device)
                 options = {}
@@ -751,11 +905,19 @@ class LycorisTrain:
                 kept = {}
                 options = {k: v for k, v in options.items() if k not in built.ignored["options"]}
                 options.update(oft_blocks=oft_blocks or None, train_norm=train_norm)
+            if train_text_encoder:
+                te = text_encoder_adapters(clip, algorithm, rank, alpha, {k: v for k, v in options.items()
+                                           if k not in ("oft_blocks", "train_norm")},
+                                           exclude_regex, oft_blocks)
+                built.adapters.update(te.adapters)
+                built.modules.update(te.modules)
+                te_lrs = dict.fromkeys(te.adapters, text_encoder_lr)
+                encoder = CaptionEncoder(clip, lines)
             trainer = Trainer(built.adapters, steps=steps, lr=learning_rate, optimizer=optimizer,
                               weight_decay=weight_decay, schedule=lr_schedule,
                               warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
                               loss_scaling=compute == torch.float16 and device.type == "cuda",
-                              accumulation=gradient_accumulation)
+                              accumulation=gradient_accumulation, lrs=te_lrs)
             if saved_state is not None:
                 restore_train_state(saved_state, trainer, device, steps)
             start = trainer.step_count
@@ -770,7 +932,8 @@ class LycorisTrain:
                        warmup_steps=warmup_steps, seed=seed, batch_size=batch_size,
                        training_dtype=training_dtype, gradient_checkpointing=gradient_checkpointing,
                        max_grad_norm=max_grad_norm, weight_decay=weight_decay, interrupted=False,
-                       objective=objective, flux_guidance=flux_guidance)
+                       objective=objective, flux_guidance=flux_guidance,
+                       text_encoder_lr=text_encoder_lr if train_text_encoder else None)
 
             def metadata(done: int, interrupted: bool = False) -> dict[str, str]:
                 return self._metadata({**kept, **built.adapters}, resume, settings, hint, done, samples,
@@ -780,14 +943,15 @@ class LycorisTrain:
             if save_every > 0:
                 on_step = Checkpoints(save_every, save_prefix, {**kept, **built.adapters}, trainer,
                                       lambda done: metadata(done - start), device)
-            comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
+            loaded = [mp] + ([clip.patcher] if encoder is not None else [])
+            comfy.model_management.load_models_gpu(loaded, memory_required=1e20, force_full_load=True)
             progress = run_training(mp, samples.clone(), conditioning, built.pairs(), trainer,
                                     steps=steps, batch_size=batch_size, seed=seed,
                                     regularizer=regularizer,
                                     gradient_checkpointing=gradient_checkpointing, unique_id=unique_id,
                                     options=objective, dropped_conditioning=dropped,
                                     objective_state=None if saved_state is None else saved_state["objective"],
-                                    on_step=on_step)
+                                    on_step=on_step, captions=encoder)
         freeze(built.adapters)
         for a in built.adapters.values():
             a.to("cpu")
@@ -801,10 +965,13 @@ class LycorisTrain:
         meta = metadata(done, progress.interrupted)
         result = AdapterFile("", adapters, meta, [], sum(t.numel() * t.element_size()
                              for a in built.adapters.values() for t in a.export().values()), {})
-        trained_model = apply_lycoris(model, None, result, 1.0, 0.0)[0]
+        if encoder is not None:
+            trained_model, clip = apply_lycoris(model, clip, result, 1.0, 1.0)[:2]
+        else:
+            trained_model = apply_lycoris(model, None, result, 1.0, 0.0)[0]
         image = np.asarray(draw_loss(progress.losses), dtype=np.float32) / 255.0
         return (trained_model, result, {"loss": list(progress.losses), "objective": progress.objective},
-                torch.from_numpy(image)[None])
+                torch.from_numpy(image)[None], clip)
 
     @staticmethod
     def _resume_source(resume_lycoris, resume_file):
@@ -874,8 +1041,11 @@ class LycorisTrain:
                  "ss_gradient_checkpointing": run["gradient_checkpointing"],
                  "ss_mixed_precision": run["training_dtype"], "ss_max_grad_norm": run["max_grad_norm"],
                  "ss_weight_decay": run["weight_decay"], "ss_network_train_text_encoder_only": False,
+                 "ss_network_train_unet_only": run["text_encoder_lr"] is None,
                  "ss_training_comment": "trained in ComfyUI with comfyui-lycoris"
                  + (f" (interrupted after {done} steps)" if run["interrupted"] else "")}
+        if run["text_encoder_lr"] is not None:
+            extra["ss_text_encoder_lr"] = run["text_encoder_lr"]
         extra.update(objective_metadata(run["objective"]))
         if run["flux_guidance"] >= 0:
             extra["ss_guidance_scale"] = run["flux_guidance"]

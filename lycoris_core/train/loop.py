@@ -68,20 +68,25 @@ def decays(adapter: Adapter, param_name: str) -> bool:
     return leaf not in NO_DECAY_NAMES and leaf not in getattr(adapter, "no_decay", ())
 
 
-def param_groups(adapters: Mapping[str, Adapter], weight_decay: float = 0.0) -> list[dict]:
-    """Two optimiser groups: decayed and not decayed (empty groups left out)."""
-    decay, keep = [], []
-    for adapter in adapters.values():
-        for name, p in adapter.named_parameters():
+def param_groups(adapters: Mapping[str, Adapter], weight_decay: float = 0.0,
+                 lrs: Mapping[str, float] | None = None) -> list[dict]:
+    """Optimiser groups: decayed and not decayed, and per learning rate when `lrs` gives some
+    adapters (by name) their own (e.g. the text encoder's); empty groups left out. Groups with
+    their own rate carry an "lr" key; the others take the optimiser's."""
+    lrs = lrs or {}
+    buckets: dict[tuple, list] = {}
+    for name, adapter in adapters.items():
+        for pname, p in adapter.named_parameters():
             if p.requires_grad:
-                (decay if decays(adapter, name) else keep).append(p)
-    if not decay and not keep:
+                buckets.setdefault((lrs.get(name), decays(adapter, pname)), []).append(p)
+    if not buckets:
         raise LycorisError("no trainable parameter in the adapters")
     groups = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay})
-    if keep:
-        groups.append({"params": keep, "weight_decay": 0.0})
+    for (lr, decay), params in sorted(buckets.items(), key=lambda kv: (kv[0][0] is not None, not kv[0][1])):
+        group = {"params": params, "weight_decay": weight_decay if decay else 0.0}
+        if lr is not None:
+            group["lr"] = lr
+        groups.append(group)
     return groups
 
 
@@ -95,8 +100,10 @@ def _fused_devices() -> tuple[str, ...]:
 
 
 def make_optimizer(adapters: Mapping[str, Adapter], name: str = "AdamW", lr: float = 1e-4,
-                   weight_decay: float = 0.0, **kwargs) -> torch.optim.Optimizer:
-    """One of OPTIMIZERS over the adapters' trainable parameters, with the no-decay group split off.
+                   weight_decay: float = 0.0, lrs: Mapping[str, float] | None = None,
+                   **kwargs) -> torch.optim.Optimizer:
+    """One of OPTIMIZERS over the adapters' trainable parameters, with the no-decay group split off
+    and adapters named in `lrs` in groups of their own learning rate.
 
     Adam/AdamW use torch's fused kernels (one kernel for all parameters, ~5x faster than the loop)
     when every parameter is a float tensor on CPU or CUDA, unless `fused` is given.
@@ -106,7 +113,7 @@ def make_optimizer(adapters: Mapping[str, Adapter], name: str = "AdamW", lr: flo
         raise LycorisError(f"unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})")
     cls = spec.load(name)
     kwargs = {**dict(spec.defaults), **kwargs}
-    groups = param_groups(adapters, weight_decay)
+    groups = param_groups(adapters, weight_decay, lrs)
     params = [p for g in groups for p in g["params"]]
     if name in FUSED and "fused" not in kwargs and all(
             p.is_floating_point() and p.device.type in _fused_devices() for p in params):
@@ -193,18 +200,21 @@ class Trainer:
     With `accumulation` N each `step` calls the loss function N times and backpropagates each loss
     divided by N before one optimiser update: for a loss that is a mean over its batch, N calls on
     batches of b samples give the gradient of one batch of N*b samples.
+    `lrs` gives adapters (by name) their own learning rate (same schedule), e.g. a text encoder's.
     """
 
     def __init__(self, adapters: Mapping[str, Adapter], *, steps: int, lr: float = 1e-4,
                  optimizer: str = "AdamW", weight_decay: float = 0.0, schedule: str = "constant",
                  warmup_steps: int = 0, max_grad_norm: float = 0.0, loss_scaling: bool = False,
-                 accumulation: int = 1, optimizer_kwargs: Mapping[str, object] | None = None):
+                 accumulation: int = 1, optimizer_kwargs: Mapping[str, object] | None = None,
+                 lrs: Mapping[str, float] | None = None):
         if accumulation < 1:
             raise LycorisError(f"gradient accumulation must be >= 1, found {accumulation}")
         self.adapters = adapters
         self.steps = steps
         self.accumulation = accumulation
-        self.optimizer = make_optimizer(adapters, optimizer, lr, weight_decay, **(optimizer_kwargs or {}))
+        self.optimizer = make_optimizer(adapters, optimizer, lr, weight_decay, lrs=lrs,
+                                        **(optimizer_kwargs or {}))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, steps, schedule, warmup_steps))
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
