@@ -16,8 +16,9 @@ if os.path.isdir(_site) and _site not in sys.path:
     sys.path.insert(0, _site)
 
 # fixtures for tests inside a real ComfyUI (they skip cleanly when it is absent)
-from host.fixtures import (comfy_host, gguf_unet, loras_dir, lycoris_pack, originals,  # noqa: E402,F401
-                           quiet_and_unloaded, quiet_warnings, sd15, sd15_checkpoint)
+from host.fixtures import (T, comfy_host, fixed_batches, gguf_unet, loras_dir, loras_first,  # noqa: E402,F401
+                           lycoris_pack, originals, quiet_and_unloaded, quiet_warnings, sd15,
+                           sd15_checkpoint)
 
 
 def pytest_report_header(config):

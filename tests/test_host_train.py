@@ -45,13 +45,6 @@ def test_loss_plot_handles_flat_single_empty_and_nan(losses):
 
 # ----- host fixtures ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def T(lycoris_pack):
-    from comfyui_lycoris_under_test.nodes import train
-
-    return train
-
-
-@pytest.fixture(scope="module")
 def S(lycoris_pack):
     from comfyui_lycoris_under_test.nodes import save
 
@@ -70,30 +63,6 @@ def host_model(sd15_checkpoint):
         other = nodes.CLIPTextEncode().encode(clip, "a watercolour painting of a lighthouse, " * 12)[0]
         latent = {"samples": torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
     return model, cond, other, latent
-
-
-@pytest.fixture
-def fixed_batches(T, monkeypatch):
-    """Every step sees the same images, noise and noise level: a deterministic target."""
-    original = T.Objective.loss
-
-    def loss(self, *args, **kwargs):
-        self.g.manual_seed(1234)
-        self.order = []
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(T.Objective, "loss", loss)
-
-
-@pytest.fixture
-def loras_first(loras_dir, monkeypatch):
-    """Make the test folder the first `loras` folder (where Save LyCORIS writes)."""
-    import folder_paths
-
-    paths, exts = folder_paths.folder_names_and_paths["loras"]
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras",
-                        ([str(loras_dir)] + [p for p in paths if p != str(loras_dir)], exts))
-    return loras_dir
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,6 @@ import torch
 
 from host import dit, dit_inputs
 from host.helpers import pack_module
-from test_host_train import T, fixed_batches, loras_first  # noqa: F401,F811  (fixtures used by name)
 
 pytestmark = pytest.mark.usefixtures("quiet_and_unloaded")
 _MODELS: dict = {}

@@ -21,13 +21,6 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def T(lycoris_pack):
-    from comfyui_lycoris_under_test.nodes import train
-
-    return train
-
-
-@pytest.fixture(scope="module")
 def te_host(sd15_checkpoint):
     """(MODEL, CLIP, CONDITIONING, LATENT) made by the host's nodes under inference mode, as in a
     prompt; a private load, since training makes the weights autograd-safe in place."""
@@ -45,19 +38,6 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
-
-
-@pytest.fixture
-def fixed_batches(T, monkeypatch):
-    """Every step sees the same image, noise and noise level: a deterministic target."""
-    original = T.Objective.loss
-
-    def loss(self, *args, **kwargs):
-        self.g.manual_seed(1234)
-        self.order = []
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(T.Objective, "loss", loss)
 
 
 def run(T, te_host, **kw):

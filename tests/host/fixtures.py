@@ -101,3 +101,35 @@ def gguf_unet(comfy_host, sd15, tmp_path_factory):
     folder_paths.add_model_folder_path("diffusion_models", str(folder))
     folder_paths.folder_names_and_paths["unet_gguf"][0].append(str(folder))
     return nodes.UnetLoaderGGUF().load_unet(gguf.FILE_NAME)[0]
+
+
+@pytest.fixture(scope="module")
+def T(lycoris_pack):
+    """The pack's training node module (nodes/train.py) as the host imported it."""
+    from comfyui_lycoris_under_test.nodes import train
+
+    return train
+
+
+@pytest.fixture
+def fixed_batches(T, monkeypatch):
+    """Every training step sees the same images, noise and noise level: a deterministic target."""
+    original = T.Objective.loss
+
+    def loss(self, *args, **kwargs):
+        self.g.manual_seed(1234)
+        self.order = []
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(T.Objective, "loss", loss)
+
+
+@pytest.fixture
+def loras_first(loras_dir, monkeypatch):
+    """Make the test folder the first `loras` folder (where Save LyCORIS writes)."""
+    import folder_paths
+
+    paths, exts = folder_paths.folder_names_and_paths["loras"]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras",
+                        ([str(loras_dir)] + [p for p in paths if p != str(loras_dir)], exts))
+    return loras_dir
