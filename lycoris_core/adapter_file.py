@@ -13,7 +13,7 @@ from .algos.registry import SHARED_SUFFIXES
 from .errors import LycorisError, LycorisFormatError, LycorisShapeError, Problem, plural, warn
 from .io import FP8_NAMES, DictSource, TensorSource, parse_json
 from .key_conversion import Converter, convert_source
-from .keys import IGNORED_SUFFIXES, group_keys
+from .keys import IGNORED_SUFFIXES, group_keys, is_peft_magnitude
 
 
 class AdapterFile(Mapping[str, Adapter]):
@@ -117,10 +117,6 @@ def _upcast(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t
 
 
-def _is_peft_magnitude(key: str | None) -> bool:
-    return key is not None and key.split(".")[-1] != "dora_scale" and "lora_magnitude_vector" in key
-
-
 def _as_output_axis(t: torch.Tensor) -> torch.Tensor:
     """PEFT's magnitude is always per output channel, but a Conv layer's is stored (1, out, 1, 1),
     the shape LyCORIS uses for the input axis: lay it out as the output axis."""
@@ -207,7 +203,7 @@ def load_file(source: str | os.PathLike | Mapping[str, torch.Tensor], *, strict:
             for suffix in sorted(leftovers):
                 report(f"unknown key suffix for {cls.algo}: ignored", suffix_keys.pop(suffix))
             tensors = {s: _upcast(src[k]) for s, k in suffix_keys.items()}
-            if _is_peft_magnitude(suffix_keys.get("dora_scale")):
+            if is_peft_magnitude(suffix_keys.get("dora_scale")):
                 tensors["dora_scale"] = _as_output_axis(tensors["dora_scale"])
             try:
                 adapter = cls.load(tensors, name=name, file=path)

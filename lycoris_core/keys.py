@@ -18,6 +18,15 @@ ALIASES: dict[str, str] = {
     # XLabs Flux processors (`double_blocks.0.processor.qkv_lora1.down.weight`)
     "down.weight": "lora_down.weight", "up.weight": "lora_up.weight",
 }
+# PEFT's DoRA magnitude spellings: always the output axis, whatever the tensor's shape suggests
+PEFT_MAGNITUDE_ENDINGS = tuple("." + s for s, c in ALIASES.items() if c == "dora_scale")
+
+
+def is_peft_magnitude(key: str | None) -> bool:
+    """Whether a file key is a PEFT `lora_magnitude_vector` (rather than a LyCORIS `dora_scale`)."""
+    return key is not None and key.endswith(PEFT_MAGNITUDE_ENDINGS)
+
+
 # old diffusers attention processors glue the suffix on with "_" (…processor.to_q_lora.up.weight)
 GLUED_ALIASES: dict[str, str] = {"_lora.down.weight": "lora_down.weight",
                                  "_lora.up.weight": "lora_up.weight"}

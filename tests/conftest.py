@@ -1,6 +1,9 @@
 import os
 import sys
 
+import pytest
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
@@ -47,3 +50,12 @@ def pytest_collection_modifyitems(config, items):
     # the other hosts' suites run first, in child processes, while this process is still small:
     # run at the end, beside this process's own host suite, both together exceed 24 GB
     items.sort(key=lambda item: item.path.name != "test_hosts.py")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is several times faster than two on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

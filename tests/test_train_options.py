@@ -21,12 +21,7 @@ N = 20000
 KS_BOUND = 1.63 / math.sqrt(N)  # Kolmogorov-Smirnov, 1% level
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ks_distance(samples: torch.Tensor, cdf) -> float:

@@ -36,6 +36,7 @@ from ..blocks import detect_arch
 from ..blocks.names import is_text_encoder, unet_path
 from ..checkpoint_names import SD1_LAYOUT, SDXL_LAYOUT, UNET, ModuleRef, SDLayout, parse_name
 from ..errors import LycorisError, plural
+from ..keys import is_peft_magnitude
 from ..io import TensorSource, write_safetensors
 from ..native_names import FAMILIES, Rename, native_candidates, piece_offset
 from .cli import add_output, check_output, progress
@@ -152,7 +153,7 @@ PEFT_LORA = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weig
 def _magnitude_is_peft(module: Module) -> bool:
     """Whether the DoRA magnitude is stored as PEFT stores it: always the output axis, (out,) for
     Linear and (1, out, 1, 1) for Conv (the shape alone reads as the input axis when in == out)."""
-    return module.keys.get("dora_scale", "").endswith(_PEFT_MAGNITUDE)
+    return is_peft_magnitude(module.keys.get("dora_scale"))
 
 
 def _module_tensors(module: Module, src, style: str) -> dict[str, torch.Tensor]:
@@ -382,9 +383,6 @@ def comfy_dit_plan(modules: list[Module], src, family: str | None, path: str):
         except ConvertError as exc:
             errors.append(str(exc))
     return plan, errors
-
-
-_PEFT_MAGNITUDE = ("lora_magnitude_vector", "lora_magnitude_vector.weight", "lora_magnitude_vector.default.weight")
 
 
 def _flat_tail(name: str) -> str:
