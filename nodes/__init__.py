@@ -6,7 +6,7 @@ NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
 # one module per node family; each defines NODE_CLASS_MAPPINGS and NODE_DISPLAY_NAME_MAPPINGS
 for _name in ("loaders", "block_weights", "stack", "schedule", "train", "save", "inspect",
-              "adapter_tools", "bake"):
+              "adapter_tools", "bake", "dataset"):
     try:
         _module = importlib.import_module(f".{_name}", __name__)
     except ModuleNotFoundError as exc:

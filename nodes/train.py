@@ -40,42 +40,37 @@ prompt trains again instead of reusing the partial result from the cache.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import re
 from collections import Counter
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 import comfy.lora
 import comfy.model_management
-import comfy.samplers
-import comfy.utils
 import folder_paths
 
 from ..lycoris_core import AdapterFile
 from ..lycoris_core.io import parse_json
-from ..lycoris_core.save import save_file, standard_metadata
+from ..lycoris_core.save import standard_metadata
 from ..lycoris_core.train import (OPTIMIZERS, PRESETS, SCHEDULES, TIMESTEP_SAMPLING, Dropout, Root, Trainer,
-                                  activations_copied, attached, autograd_safe, checkpoint_blocks,
-                                  checkpointed, create_adapters, default_kinds, freeze, frozen,
-                                  flux_resolution_shift, kohya_name, min_snr_weight, offset_noise,
-                                  resume_adapters, sample_t, select_targets, shift_t,
-                                  trainable_algorithms, wrapper_weights_kept)
+                                  create_adapters, default_kinds, freeze, kohya_name, resume_adapters,
+                                  select_targets, trainable_algorithms, wrapper_weights_kept)
 from .apply import apply_lycoris
-from .host_compat import (dequantiser_for, differentiable_rope, read_adapters, send_progress_text,
-                          training_flag)
+from .host_compat import dequantiser_for, differentiable_rope, read_adapters, send_progress_text, training_flag
 from .keymap import MODEL, KeyMap, _split_value
 from .loss_plot import draw_loss
+from .train_loop import thawed, run_training
+from .train_objective import (SHIFTS, ObjectiveOptions, objective_metadata, objective_name, with_guidance,
+                              zero_conditioning)
+from .train_state import NO_FILE, Checkpoints, load_train_state, restore_train_state
+from .train_text_encoder import CaptionEncoder, check_text_encoder_inputs, text_encoder_adapters
 
 log = logging.getLogger("comfyui-lycoris")
 
 LYCORIS_TYPE = "LYCORIS"
 CATEGORY = "training/lycoris"
-NO_FILE = "[none]"
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DORA = {"off": None, "output axis": "out", "input axis": "in"}
 # host model config class -> kohya `ss_base_model_version`
@@ -84,9 +79,6 @@ BASE_MODELS = {"SD15": "sd_v1", "SD20": "sd_v2", "SD21UnclipL": "sd_v2", "SD21Un
                "SD3": "sd3", "Flux": "flux1", "FluxSchnell": "flux1"}
 # kohya names SD1.x/2.x files by the diffusers module paths; every other model by its own paths
 DIFFUSERS_NAMED = ("sd_v1", "sd_v2", "sd_v2_v")
-# the host's prediction classes (comfy.model_sampling) -> what the loss regresses, most derived first
-OBJECTIVES = {"EDM": "edm", "V_PREDICTION": "v-prediction", "IMG_TO_IMG": "x0", "X0": "x0",
-              "EPS": "epsilon", "CONST": "flow matching", "COSMOS_RFLOW": "flow matching (cosmos)"}
 
 _interruptions = 0  # bumped on every interrupted run, so IS_CHANGED re-runs partial results
 
@@ -143,34 +135,6 @@ def resume_lookup(model, names) -> dict[str, torch.nn.Module]:
     return out
 
 
-def _thaw(obj):
-    """A copy of a conditioning structure whose inference-mode tensors are cloned (cond objects,
-    dicts, lists and tuples are rebuilt; other values are shared)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.clone() if obj.is_inference() else obj
-    if isinstance(obj, dict):
-        return {k: _thaw(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_thaw(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_thaw(v) for v in obj)
-    if hasattr(obj, "_copy_with") and hasattr(obj, "cond"):
-        return obj._copy_with(_thaw(obj.cond))
-    return obj
-
-
-def _batched_cond(conds: list[dict], idx: list[int]) -> dict:
-    """One processed cond whose tensors stack the conds of images `idx` (cross-attention of
-    different lengths is repeated to a common length by the host's cond objects)."""
-    first = conds[idx[0]]
-    if len(idx) == 1:
-        return first
-    out = dict(first)
-    out["model_conds"] = {k: c._copy_with(c.concat([conds[i]["model_conds"][k] for i in idx[1:]]))
-                          for k, c in first["model_conds"].items()}
-    return out
-
-
 def tag_frequency(captions: list[str], n_images: int) -> dict[str, int]:
     """kohya-style tag counts: comma-separated tags, counted once per image."""
     if len(captions) == 1 and n_images > 1:
@@ -179,500 +143,6 @@ def tag_frequency(captions: list[str], n_images: int) -> dict[str, int]:
     for caption in captions:
         counts.update({t.strip() for t in caption.split(",") if t.strip()})
     return dict(counts)
-
-
-# ----- text-encoder training ----------------------------------------------------------------------
-# transformer classes of the host's text encoders that get trained adapters: CLIP and T5 (SD1.x/2.x,
-# SDXL, SD3, Flux). LLM encoders (Qwen2.5-VL, Gemma, Llama, Qwen3) are refused: billions of
-# parameters, and their trainers leave them frozen.
-TRAINABLE_TEXT_ENCODERS = frozenset({"CLIPTextModel", "T5"})
-TE_PRESET = "attn-mlp"  # the text encoders' attention and MLP Linears (kohya's text-encoder LoRA)
-TE_NAME = re.compile(r"lora_te(\d*)_")
-
-
-def text_encoder_classes(clip) -> list[str]:
-    """The transformer class of every text encoder inside a CLIP object (one per encoder)."""
-    import comfy.sd1_clip
-
-    return [type(m.transformer).__name__ for m in clip.cond_stage_model.modules()
-            if isinstance(m, comfy.sd1_clip.SDClipModel) and hasattr(m, "transformer")]
-
-
-def check_trainable_text_encoder(clip) -> None:
-    """Refuse, naming them, text encoders that are not CLIP/T5 (LLM encoders) or none at all."""
-    found = text_encoder_classes(clip)
-    unfit = sorted({c for c in found if c not in TRAINABLE_TEXT_ENCODERS})
-    if not found or unfit:
-        what = ", ".join(unfit) if unfit else "no CLIP/T5 text encoder"
-        raise ValueError(f"train_text_encoder: this CLIP holds {what}; text-encoder training is offered "
-                         f"for CLIP and T5 encoders only (SD1.x/2.x, SDXL, SD3, Flux), not for LLM "
-                         "encoders: switch train_text_encoder off")
-
-
-def text_encoder_names(clip) -> dict[str, str]:
-    """Text-encoder module path (inside `cond_stage_model`) -> kohya name, one of the names the
-    host's key map gives it: `lora_te_` for a lone CLIP (SD1.x/2.x), `lora_te1_`/`lora_te2_` for
-    CLIP-L/CLIP-G beside others (SDXL, SD3, Flux), and the highest, `lora_te3_`, for T5 (kohya's)."""
-    lone = len(text_encoder_classes(clip)) == 1
-    candidates: dict[str, list[tuple[int, str]]] = {}
-    for name, value in comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}).items():
-        match = TE_NAME.match(name)
-        if match and isinstance(value, str) and value.endswith(".weight"):
-            candidates.setdefault(value[:-len(".weight")], []).append((int(match.group(1) or 0), name))
-    out = {}
-    for path, names in candidates.items():
-        encoder = getattr(clip.cond_stage_model, path.split(".", 1)[0], None)
-        if type(getattr(encoder, "transformer", None)).__name__ == "T5":
-            out[path] = max(names)[1]
-        else:
-            numbered = [n for n in names if n[0] > 0]
-            out[path] = min(names if lone or not numbered else numbered)[1]
-    return out
-
-
-def text_encoder_adapters(clip, algorithm, rank, alpha, options, exclude, oft_blocks):
-    """Fresh adapters on the CLIP/T5 attention and MLP Linears the host's loaders can name."""
-    names = text_encoder_names(clip)
-    root = Root(clip.cond_stage_model, "lora_te", "te", names)
-    targets = [t for t in select_targets(root, TE_PRESET, exclude=exclude, kinds=("linear",))
-               if t.path in names]
-    if not targets:
-        raise ValueError("train_text_encoder: no attention/MLP layer of this CLIP has a name the "
-                         "LoRA loaders know")
-    return create_adapters(targets, algorithm, rank, alpha, device=clip.patcher.load_device,
-                           dequantiser_for=dequantiser_for, oft_blocks=oft_blocks, **options)
-
-
-def check_text_encoder_inputs(clip, captions: list[str], n_images: int, resume) -> None:
-    """Refuse text-encoder training without what it needs, before any work."""
-    if clip is None:
-        raise ValueError("train_text_encoder needs the clip input (the text encoder to train)")
-    if not captions:
-        raise ValueError("train_text_encoder needs the captions input (one line per image, or one for "
-                         "all): the text encoder encodes them every step")
-    if len(captions) not in (1, n_images):
-        raise ValueError(f"captions has {len(captions)} lines but there are {n_images} images: give one "
-                         "caption for all or one per image")
-    if resume is not None:
-        raise ValueError("train_text_encoder starts fresh adapters: it cannot resume a saved adapter yet")
-    check_trainable_text_encoder(clip)
-
-
-class CaptionEncoder:
-    """The captions encoded through the CLIP with grad, for every step of text-encoder training.
-
-    Tokenised once; each step the batch's captions go through `clip.encode_from_tokens` (the host's
-    own path: clip skip, weights, pooled output) while the adapters sit on the encoder, and the
-    result replaces the cross-attention and pooled output of the image's processed cond, whose
-    model conds are rebuilt by the model's own `extra_conds` (so SDXL's size/pooled vector too)."""
-
-    def __init__(self, clip, captions: list[str]):
-        self.clip = clip
-        self.root = clip.cond_stage_model
-        self.tokens = [clip.tokenize(c) for c in captions]
-        self.count = len(captions)
-        self.extra_conds = self.templates = self.latent = None
-
-    def index(self, image: int) -> int:
-        return image if self.count > 1 else 0
-
-    def bind(self, model_wrap, templates: list[dict], x0_all: torch.Tensor) -> None:
-        """Called inside the guider: the processed conds to rebuild and the model that builds them."""
-        autograd_safe(self.root)
-        self.extra_conds = model_wrap.inner_model.extra_conds
-        self.templates, self.latent = templates, x0_all[:1]
-        self.device = x0_all.device
-
-    def encoded(self, wanted) -> list[dict | None]:
-        """Processed conds for caption indices `wanted` (others None), with grad to the encoder."""
-        out: list[dict | None] = [None] * self.count
-        for i in wanted:
-            cond, pooled = self.clip.encode_from_tokens(self.tokens[i], return_pooled=True)
-            base = self.templates[i if len(self.templates) > 1 else 0]
-            fresh = {**base, "cross_attn": cond, "model_conds": dict(base["model_conds"])}
-            if pooled is not None:
-                fresh["pooled_output"] = pooled
-            out[i] = comfy.samplers.encode_model_conds(self.extra_conds, [fresh], torch.zeros_like(self.latent),
-                                                       self.device, "positive", latent_image=self.latent)[0]
-        return out
-
-
-# ----- the loss through the host's sampling objects ------------------------------------------------
-def objective_name(model_sampling) -> str:
-    """What the loss regresses for this host model: its prediction class, as named in OBJECTIVES
-    (the class name itself for one not listed)."""
-    for cls in type(model_sampling).__mro__:
-        if cls.__name__ in OBJECTIVES:
-            return OBJECTIVES[cls.__name__]
-    return type(model_sampling).__name__
-
-
-def output_scale(model_sampling, sigma: torch.Tensor, ndim: int) -> torch.Tensor:
-    """`c_out` per sample, shaped to broadcast over `ndim`-D latents: how far the host's denoised
-    estimate moves per unit of model output at `sigma` (sigma for eps and flow models,
-    sigma / sqrt(sigma^2 + 1) for v models). Taken at input 0, so it is exact at small sigma."""
-    shape = (sigma.shape[0],) + (1,) * (ndim - 1)
-    zero = torch.zeros(shape, device=sigma.device, dtype=torch.float32)
-    with torch.no_grad():
-        return (model_sampling.calculate_denoised(sigma.float(), zero, zero)
-                - model_sampling.calculate_denoised(sigma.float(), zero + 1, zero))
-
-
-SHIFTS = ("model", "fixed", "flux resolution")
-
-
-@dataclass
-class ObjectiveOptions:
-    """How noise levels are drawn and the loss weighted (defaults: the model's own schedule,
-    uniform, unweighted, as before these options existed)."""
-
-    timestep_sampling: str = "uniform"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    shift: str = "model"
-    shift_value: float = 3.0
-    min_snr_gamma: float = 0.0
-    noise_offset: float = 0.0
-    caption_dropout: float = 0.0
-    accumulation: int = 1
-
-    def __post_init__(self):
-        if self.shift not in SHIFTS:
-            raise ValueError(f"unknown timestep shift {self.shift!r} (known: {', '.join(SHIFTS)})")
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout must be in [0, 1], found {self.caption_dropout}")
-
-    def check(self, objective: str) -> None:
-        """Refuse options the model's objective has no meaning for, before any work."""
-        if self.shift != "model" and not objective.startswith("flow matching"):
-            raise ValueError(f"timestep shift {self.shift!r} applies to flow-matching models; this model "
-                             f"trains {objective}: use the shift \"model\"")
-        if self.min_snr_gamma and objective not in ("epsilon", "v-prediction"):
-            raise ValueError(f"min_snr_gamma weights epsilon and v-prediction models; this model trains "
-                             f"{objective}: set it to 0")
-
-
-class Objective:
-    """Batches, noise and noise levels for each step (seeded), and the MSE in model-output space.
-
-    With gradient accumulation N, the samples of one optimiser step (N micro-batches) are drawn at
-    once, so N x batch b draws exactly what one batch of N*b would."""
-
-    def __init__(self, n_images: int, batch_size: int, seed: int, options: ObjectiveOptions | None = None):
-        self.n = n_images
-        self.batch_size = min(batch_size, n_images)
-        self.options = options or ObjectiveOptions()
-        self.g = torch.Generator().manual_seed(seed)
-        self.order: list[int] = []
-        self.batches: list[tuple] = []  # the micro-batches of the current optimiser step
-        self.cursor = 0
-        self.captions: CaptionEncoder | None = None  # text-encoder training: conds encoded per step
-
-    def indices(self, count: int | None = None) -> list[int]:
-        """The next `count` (default: a batch) of a reshuffled-every-epoch order of the images."""
-        out = []
-        while len(out) < (count or self.batch_size):
-            if not self.order:
-                self.order = torch.randperm(self.n, generator=self.g).tolist()
-            out.append(self.order.pop())
-        return out
-
-    def state(self) -> dict:
-        """What a resumed run needs to draw the same batches next (taken between steps)."""
-        return {"generator": self.g.get_state(), "order": list(self.order)}
-
-    def load_state(self, state: dict) -> None:
-        self.g.set_state(state["generator"])
-        self.order = list(state["order"])
-        self.batches, self.cursor = [], 0
-
-    def rewind(self) -> None:
-        """Replay the current step's micro-batches (a step retried after switching on copies)."""
-        self.cursor = 0
-
-    def sigmas(self, t: torch.Tensor, ms, objective: str, latent_shape) -> torch.Tensor:
-        """The model's sigma for noise fractions `t`: through its own schedule (shift "model"), or
-        for flow models sigma = shifted t."""
-        o = self.options
-        o.check(objective)
-        if o.shift == "model":
-            sigma = torch.tensor([float(ms.percent_to_sigma(1.0 - float(v))) for v in t])
-        elif o.shift == "fixed":
-            sigma = shift_t(t, o.shift_value)
-        else:
-            sigma = shift_t(t, flux_resolution_shift((latent_shape[-2] // 2) * (latent_shape[-1] // 2)))
-        return sigma.clamp(float(ms.sigma_min), float(ms.sigma_max))
-
-    def _draw(self, x0_all: torch.Tensor, ms, objective: str) -> None:
-        """Samples for one optimiser step, split into its micro-batches."""
-        o = self.options
-        b, count = self.batch_size, self.batch_size * o.accumulation
-        idx = self.indices(count)
-        noise = torch.randn((count,) + tuple(x0_all.shape[1:]), generator=self.g)
-        t = sample_t(count, self.g, o.timestep_sampling, o.logit_mean, o.logit_std)
-        noise = offset_noise(noise, o.noise_offset, self.g)
-        dropped = (torch.rand(count, generator=self.g) < o.caption_dropout).tolist() \
-            if o.caption_dropout > 0 else [False] * count
-        sigma = self.sigmas(t, ms, objective, x0_all.shape)
-        self.batches = [(idx[k:k + b], noise[k:k + b], sigma[k:k + b], dropped[k:k + b])
-                        for k in range(0, count, b)]
-        self.cursor = 0
-
-    def loss(self, model_wrap, extra_args: dict, x0_all: torch.Tensor, conds: list[dict],
-             dropped_cond: dict | None = None) -> torch.Tensor:
-        ms = model_wrap.inner_model.model_sampling
-        objective = objective_name(ms)
-        if self.cursor >= len(self.batches):
-            self._draw(x0_all, ms, objective)
-        idx, noise, sigma, dropped = self.batches[self.cursor]
-        self.cursor += 1
-        x0 = x0_all[idx]
-        noise = noise.to(device=x0.device, dtype=x0.dtype)
-        sigma = sigma.to(x0.device)
-        xt = ms.noise_scaling(sigma, noise, x0)
-        if self.captions is not None:
-            which = [self.captions.index(i) for i in idx]
-            fresh = self.captions.encoded({w for w, d in zip(which, dropped) if not d})
-            pool = fresh + [dropped_cond]
-            which = [len(fresh) if d else w for w, d in zip(which, dropped)]
-            model_wrap.conds["positive"] = [_batched_cond(pool, which)]
-        elif len(conds) > 1 or any(dropped):
-            pool = conds + [dropped_cond]
-            which = [len(conds) if d else (i if len(conds) > 1 else 0) for i, d in zip(idx, dropped)]
-            model_wrap.conds["positive"] = [_batched_cond(pool, which)]
-        denoised = model_wrap(xt, sigma, **extra_args)
-        err = (denoised.float() - x0.float()) / output_scale(ms, sigma, x0.ndim)
-        if not self.options.min_snr_gamma:
-            return err.square().mean()
-        snr = 1.0 / sigma.float().square()  # VP models: sigma^2 = (1 - alpha_bar) / alpha_bar
-        weight = min_snr_weight(snr, self.options.min_snr_gamma, objective)
-        return (err.square().flatten(1).mean(1) * weight).mean()
-
-
-class TrainSampler(comfy.samplers.Sampler):
-    """A host sampler whose `sample` runs `body(model_wrap, extra_args, x0)` (the training loop)."""
-
-    def __init__(self, body):
-        self.body = body
-
-    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None,
-               denoise_mask=None, disable_pbar=False):
-        self.body(model_wrap, extra_args, latent_image)
-        return latent_image
-
-
-@dataclass
-class Progress:
-    losses: list[float] = field(default_factory=list)
-    interrupted: bool = False
-    objective: str = ""
-
-
-# what autograd says when code updated a tensor saved for backward in place
-_IN_PLACE_ERRORS = ("modified by an inplace operation", "Recomputed values for the following tensors")
-
-
-class _ActivationCopies:
-    """Saved activations copied on demand. A model that updates activations in place after saving
-    them (a DiT's residual `x += f(norm(x))`) fails its first backward; from then on its saved
-    activations are copied and the step is retried (the trainer zeroes gradients first). Models
-    that need no copies never pay for them."""
-
-    def __init__(self, stack: contextlib.ExitStack):
-        self.stack, self.on = stack, False
-
-    def step(self, trainer: Trainer, loss_fn, rewind=None) -> float:
-        """One training step, switching copies on once if its backward asks for them; `rewind()`
-        makes the retried step draw the same samples (and the dropouts the same draws)."""
-        rng = None if self.on else _rng_state()
-        try:
-            return trainer.step(loss_fn)
-        except RuntimeError as exc:
-            if self.on or not any(m in str(exc) for m in _IN_PLACE_ERRORS):
-                raise
-        self.stack.enter_context(activations_copied())
-        self.on = True
-        _set_rng_state(rng)
-        if rewind is not None:
-            rewind()
-        return trainer.step(loss_fn)
-
-
-def _rng_state() -> tuple:
-    """The global CPU (and, once used, CUDA) RNG states: what dropouts draw from."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def run_training(model, latents: torch.Tensor, conditioning, pairs, trainer: Trainer, *,
-                 steps: int, batch_size: int, seed: int, regularizer: Dropout | None,
-                 gradient_checkpointing: bool, unique_id=None, options: ObjectiveOptions | None = None,
-                 dropped_conditioning=None, objective_state: dict | None = None,
-                 on_step=None, captions: CaptionEncoder | None = None) -> Progress:
-    """Train through the host's guider from `trainer.step_count` to `steps`; returns the loss
-    history. `dropped_conditioning` (one entry) replaces a caption dropped by caption dropout;
-    `objective_state` continues the batch/noise draws of a saved run; `on_step(done, objective)`
-    runs after every step; `captions` (text-encoder training) encodes the batch's captions through
-    the CLIP every step instead of using `conditioning` as it is. Interruption is kept in `Progress.interrupted` (with the losses so far)
-    instead of raised. Call outside inference mode."""
-    progress = Progress()
-    objective = Objective(latents.shape[0], batch_size, seed, options)
-    if objective_state is not None:
-        objective.load_state(objective_state)
-    start = getattr(trainer, "step_count", 0)
-    pbar = comfy.utils.ProgressBar(max(1, steps - start))
-    n_captions = len(conditioning)
-
-    def body(model_wrap, extra_args, x0_all):
-        diffusion = model_wrap.inner_model.diffusion_model
-        progress.objective = objective_name(model_wrap.inner_model.model_sampling)
-        autograd_safe(diffusion)
-        x0_all = x0_all.clone() if x0_all.is_inference() else x0_all
-        processed = [_thaw(c) for c in model_wrap.conds["positive"]]
-        conds, dropped = processed[:n_captions], (processed[n_captions] if dropped_conditioning else None)
-        model_wrap.conds["positive"] = conds
-        encoder_roots = []
-        if captions is not None:
-            captions.bind(model_wrap, conds, x0_all)
-            objective.captions = captions
-            encoder_roots.append(captions.root)
-        blocks = checkpoint_blocks(diffusion) if gradient_checkpointing else []
-        adapters_on = attached(pairs, regularizer=regularizer, dequantiser_for=dequantiser_for)
-        with frozen(diffusion, *encoder_roots), adapters_on, checkpointed(blocks), contextlib.ExitStack() as stack:
-            copies = _ActivationCopies(stack)
-            for step in range(start, steps):
-                comfy.model_management.throw_exception_if_processing_interrupted()
-                loss = copies.step(trainer, lambda: objective.loss(model_wrap, extra_args, x0_all, conds, dropped),
-                                   objective.rewind)
-                progress.losses.append(loss)
-                send_progress_text(f"step {step + 1}/{steps}  loss {loss:.5f}  lr {trainer.lr:.3g}", unique_id)
-                pbar.update(1)
-                if on_step is not None:
-                    on_step(step + 1, objective)
-
-    guider = comfy.samplers.CFGGuider(model)
-    guider.inner_set_conds({"positive": list(conditioning) + list(dropped_conditioning or [])})
-    guider.set_cfg(1.0)
-    noise = torch.zeros((objective.batch_size,) + tuple(latents.shape[1:]), dtype=latents.dtype)
-    try:
-        guider.sample(noise, latents, TrainSampler(body), torch.ones(1), seed=seed)
-    except comfy.model_management.InterruptProcessingException:
-        progress.interrupted = True
-    return progress
-
-
-def with_guidance(conditioning, guidance: float):
-    """The conditioning with every entry's Flux guidance set (as core's FluxGuidance node does)."""
-    return [[c[0], {**c[1], "guidance": guidance}] for c in conditioning]
-
-
-def zero_conditioning(conditioning):
-    """One conditioning entry shaped like the first, with every tensor zeroed: the "empty
-    caption" when no empty-caption conditioning is given."""
-    cross, extra = conditioning[0]
-    zero = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-            for k, v in extra.items()}
-    return [[torch.zeros_like(cross), zero]]
-
-
-def objective_metadata(o: ObjectiveOptions) -> dict[str, object]:
-    """kohya-style `ss_*` entries for the objective options that differ from the defaults."""
-    out: dict[str, object] = {"ss_gradient_accumulation_steps": o.accumulation}
-    if o.timestep_sampling != "uniform":
-        out.update(ss_timestep_sampling="logit_normal", ss_logit_mean=o.logit_mean, ss_logit_std=o.logit_std)
-    if o.shift == "fixed":
-        out["ss_discrete_flow_shift"] = o.shift_value
-    elif o.shift != "model":
-        out["ss_timestep_shift"] = o.shift
-    for key, value in (("ss_min_snr_gamma", o.min_snr_gamma), ("ss_noise_offset", o.noise_offset),
-                       ("ss_caption_dropout_rate", o.caption_dropout)):
-        if value:
-            out[key] = value
-    return out
-
-
-# ----- periodic saves and the optimizer state beside them ---------------------------------------------
-STATE_SUFFIX = ".optim.pt"
-STATE_FORMAT = "comfyui-lycoris train state 1"
-
-
-def state_path(adapter_path: str) -> str:
-    """`x.safetensors` -> `x.optim.pt`: the optimizer state saved beside an adapter file."""
-    return os.path.splitext(adapter_path)[0] + STATE_SUFFIX
-
-
-def train_state(trainer: Trainer, objective: Objective, device: torch.device) -> dict:
-    """Everything a resumed run needs to continue exactly: optimizer and schedule, the batch/noise
-    draws, and the global RNG that dropouts use (tensors, numbers and lists only: loads with
-    `torch.load(weights_only=True)`)."""
-    state = {"format": STATE_FORMAT, "trainer": trainer.state_dict(), "objective": objective.state(),
-             "rng": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda_rng"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def load_train_state(resume_file) -> dict | None:
-    """The optimizer state beside a `loras` file, or None when there is none."""
-    if resume_file in (None, "", NO_FILE):
-        return None
-    path = state_path(folder_paths.get_full_path_or_raise("loras", resume_file))
-    if not os.path.isfile(path):
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise ValueError(f"{path}: not an optimizer state written by LyCORIS Train")
-    return state
-
-
-def restore_train_state(state: dict, trainer: Trainer, device: torch.device, steps: int) -> None:
-    """Put a saved run's optimizer, schedule and RNG back (the objective's draws go to run_training)."""
-    trainer.load_state_dict(state["trainer"])
-    if trainer.step_count >= steps:
-        raise ValueError(f"the resumed run already trained {trainer.step_count} steps: with its optimizer "
-                         f"state, steps counts the whole run, so set steps above {trainer.step_count} "
-                         "(or switch resume_state off)")
-    torch.set_rng_state(state["rng"])
-    if device.type == "cuda" and "cuda_rng" in state:
-        torch.cuda.set_rng_state(state["cuda_rng"], device)
-
-
-class Checkpoints:
-    """`on_step` hook of run_training: every `every` steps the adapters (fp32) and their optimizer
-    state, as `<prefix>_<run>_step<step>.safetensors` + `.optim.pt` in the host's output folder;
-    <run> is one above the highest run already there, so nothing is overwritten."""
-
-    def __init__(self, every: int, prefix: str, adapters: dict, trainer: Trainer, metadata, device):
-        from .save import split_prefix
-
-        folder, stem = split_prefix(prefix, folder_paths.get_output_directory(), "output")
-        os.makedirs(folder, exist_ok=True)
-        pattern = re.compile(re.escape(stem) + r"_(\d+)_step\d+\.safetensors$")
-        run = 1 + max((int(m.group(1)) for f in os.listdir(folder) if (m := pattern.match(f))), default=0)
-        self.base = os.path.join(folder, f"{stem}_{run:05d}")
-        self.every, self.adapters, self.trainer, self.metadata, self.device = every, adapters, trainer, metadata, device
-        self.saved: list[str] = []
-
-    def __call__(self, done: int, objective: Objective) -> None:
-        if done % self.every:
-            return
-        path = f"{self.base}_step{done:06d}.safetensors"
-        meta = self.metadata(done)
-        title = os.path.splitext(os.path.basename(path))[0]
-        meta.update({"ss_output_name": title, "modelspec.title": title})
-        save_file(self.adapters, path, meta, dtype=torch.float32)
-        tmp = state_path(path) + ".tmp"
-        torch.save(train_state(self.trainer, objective, self.device), tmp)
-        os.replace(tmp, state_path(path))
-        self.saved.append(path)
-        log.info("LyCORIS Train: saved step %d to %s", done, path)
 
 
 # ----- the node --------------------------------------------------------------------------------------
@@ -869,10 +339,10 @@ class LycorisTrain:
             check_text_encoder_inputs(clip, lines, n_images, resume)
         objective = ObjectiveOptions(timestep_sampling, logit_mean, logit_std, timestep_shift, shift,
                                      min_snr_gamma, noise_offset, caption_dropout, gradient_accumulation)
-        conditioning = _thaw(conditioning)
+        conditioning = thawed(conditioning)
         dropped = None
         if caption_dropout > 0:
-            dropped = _thaw(empty_conditioning[:1]) if empty_conditioning else zero_conditioning(conditioning)
+            dropped = thawed(empty_conditioning[:1]) if empty_conditioning else zero_conditioning(conditioning)
             if "guidance" in conditioning[0][1] and "guidance" not in dropped[0][1]:
                 dropped = with_guidance(dropped, conditioning[0][1]["guidance"])
         if flux_guidance >= 0:
@@ -939,10 +409,10 @@ class LycorisTrain:
                 return self._metadata({**kept, **built.adapters}, resume, settings, hint, done, samples,
                                       captions, {**run, "interrupted": interrupted})
 
-            on_step = None
+            on_step = []
             if save_every > 0:
-                on_step = Checkpoints(save_every, save_prefix, {**kept, **built.adapters}, trainer,
-                                      lambda done: metadata(done - start), device)
+                on_step.append(Checkpoints(save_every, save_prefix, {**kept, **built.adapters}, trainer,
+                                           lambda done: metadata(done - start), device))
             loaded = [mp] + ([clip.patcher] if encoder is not None else [])
             comfy.model_management.load_models_gpu(loaded, memory_required=1e20, force_full_load=True)
             progress = run_training(mp, samples.clone(), conditioning, built.pairs(), trainer,

@@ -125,15 +125,15 @@ def test_saved_activations_are_copied_only_for_models_that_update_them_in_place(
     """Without gradient checkpointing, Flux's blocks change activations autograd saved (`x += …`
     after `norm(x)`): the first backward fails, the trainer switches copying on and retries. The
     SD UNet needs no copies and never pays for them."""
-    train = pack_module("nodes.train")
+    train, loop = pack_module("nodes.train"), pack_module("nodes.train_loop")
     switched_on = []
-    copying = train.activations_copied
+    copying = loop.activations_copied
 
     def counted():
         switched_on.append(True)
         return copying()
 
-    monkeypatch.setattr(train, "activations_copied", counted)
+    monkeypatch.setattr(loop, "activations_copied", counted)
     model = dit.load(family)
     with torch.inference_mode():
         loss = train.LycorisTrain().train(

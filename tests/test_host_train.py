@@ -97,13 +97,14 @@ class Frozen:
 def reference_loss(T, host_model, pairs=()):
     """The fixed objective's loss of the model with these (module, adapter) pairs attached."""
     model, cond, _, latent = host_model
+    from comfyui_lycoris_under_test.nodes import train_loop as loop
     from lycoris_core.train import wrapper_weights_kept
 
     with wrapper_weights_kept(model.model), torch.inference_mode(False):
         mp = model.clone()
-        return T.run_training(mp, latent["samples"].clone(), T._thaw(cond), list(pairs), Frozen(),
-                              steps=1, batch_size=1, seed=0, regularizer=None,
-                              gradient_checkpointing=False).losses[0]
+        return loop.run_training(mp, latent["samples"].clone(), loop.thawed(cond), list(pairs), Frozen(),
+                                 steps=1, batch_size=1, seed=0, regularizer=None,
+                                 gradient_checkpointing=False).losses[0]
 
 
 def late_weights(model):
@@ -201,10 +202,11 @@ def test_every_registered_algorithm_is_in_the_node(T):
 
 def test_per_image_captions_are_batched_per_image(T, host_model):
     import comfy.conds
+    from comfyui_lycoris_under_test.nodes.train_objective import _batched_cond
 
     a, b = torch.randn(1, 77, 8), torch.randn(1, 154, 8)
     conds = [{"model_conds": {"c_crossattn": comfy.conds.CONDCrossAttn(t)}} for t in (a, b)]
-    batched = T._batched_cond(conds, [1, 0])["model_conds"]["c_crossattn"].cond
+    batched = _batched_cond(conds, [1, 0])["model_conds"]["c_crossattn"].cond
     assert batched.shape == (2, 154, 8)
     assert torch.equal(batched[0], b[0]) and torch.equal(batched[1], torch.cat([a[0], a[0]]))
     model, cond, other, latent = host_model

@@ -47,7 +47,7 @@ def run(family: str, model=None, images: int = 1, **kw):
 # ----- objective ---------------------------------------------------------------------------------
 def recorded_sigmas(monkeypatch) -> list[torch.Tensor]:
     """Every batch of noise levels the objective draws, in order."""
-    objective = pack_module("nodes.train").Objective
+    objective = pack_module("nodes.train_objective").Objective
     seen = []
     original = objective.sigmas
 
@@ -95,7 +95,7 @@ def test_timestep_shift_modes_against_the_hosts_own_schedules():
     schedule of the host's ModelSamplingFlux node set to the latent's pixel size."""
     import comfy_extras.nodes_model_advanced as advanced
 
-    T_ = pack_module("nodes.train")
+    T_ = pack_module("nodes.train_objective")
     model = tiny("flux")
     ms = model.get_model_object("model_sampling")
     t = torch.tensor([0.05, 0.3, 0.5, 0.8, 0.97])

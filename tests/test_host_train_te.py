@@ -157,21 +157,23 @@ def test_off_by_default_and_refusals(T, te_host, fixed_batches):
 
 @pytest.mark.parametrize("name", ["qwen25_7b", "gemma2_2b", "qwen3_4b", "llama"])
 def test_llm_text_encoders_are_refused(T, name):
+    from comfyui_lycoris_under_test.nodes import train_text_encoder as TE
     from host.text_encoders import llm_clip
 
     clip = llm_clip(name)
     with pytest.raises(ValueError, match="not for LLM encoders"):
-        T.check_trainable_text_encoder(clip)
+        TE.check_trainable_text_encoder(clip)
 
 
 def test_multi_encoder_names_follow_kohya(T):
     """SDXL's pair gets `lora_te1_`/`lora_te2_`, Flux's CLIP-L `lora_te1_` and its T5 `lora_te3_`
     (kohya's sd-scripts prefixes), and both are CLIP/T5, so trainable."""
+    from comfyui_lycoris_under_test.nodes import train_text_encoder as TE
     from host.text_encoders import flux_clip, sdxl_clip
 
     for clip, prefixes in ((sdxl_clip(), {"lora_te1_", "lora_te2_"}), (flux_clip(), {"lora_te1_", "lora_te3_"})):
-        T.check_trainable_text_encoder(clip)
-        names = T.text_encoder_names(clip)
-        built = T.text_encoder_adapters(clip, "lora", 4, 4.0, {}, "", 0)
+        TE.check_trainable_text_encoder(clip)
+        names = TE.text_encoder_names(clip)
+        built = TE.text_encoder_adapters(clip, "lora", 4, 4.0, {}, "", 0)
         assert {n[:9] for n in built.adapters} == prefixes
         assert set(built.adapters) <= set(names.values())

@@ -114,14 +114,16 @@ def T(lycoris_pack):
 @pytest.fixture
 def fixed_batches(T, monkeypatch):
     """Every training step sees the same images, noise and noise level: a deterministic target."""
-    original = T.Objective.loss
+    from comfyui_lycoris_under_test.nodes import train_objective as objective
+
+    original = objective.Objective.loss
 
     def loss(self, *args, **kwargs):
         self.g.manual_seed(1234)
         self.order = []
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(T.Objective, "loss", loss)
+    monkeypatch.setattr(objective.Objective, "loss", loss)
 
 
 @pytest.fixture
