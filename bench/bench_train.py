@@ -97,9 +97,11 @@ def run_ours(model, cond, latents, args, dtype, checkpointing, stamps):
         return value
 
     Trainer.step = timed
-    LycorisTrain().train(model, latents, cond, "lora", "full", args.rank, float(args.rank), args.rank,
-                         float(args.rank), args.warmup + args.steps, 1, 1e-4, "AdamW", "constant", 0, 0,
-                         checkpointing, dtype)
+    LycorisTrain().train(model=model, latents=latents, conditioning=cond, algorithm="lora", preset="full",
+                         rank=args.rank, alpha=float(args.rank), conv_rank=args.rank,
+                         conv_alpha=float(args.rank), steps=args.warmup + args.steps, batch_size=1,
+                         learning_rate=1e-4, optimizer="AdamW", lr_schedule="constant", warmup_steps=0,
+                         seed=0, gradient_checkpointing=checkpointing, training_dtype=dtype)
 
 
 def run_core(model, cond, latents, args, dtype, checkpointing, stamps):
