@@ -20,8 +20,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..algos import Adapter
 from ..layer import LayerSpec
@@ -101,30 +101,87 @@ def checkpoint_blocks(root: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def _fresh(value):
-    return value.clone() if isinstance(value, torch.Tensor) else value
+class _Recomputed(torch.autograd.Function):
+    """A block run that keeps none of its activations; backward runs the block again with grad and
+    backpropagates through that second run (checkpointing in the reentrant style).
+
+    Torch's non-reentrant checkpoint keeps the tensors its recomputation saves by reference, so a
+    block that updates one of them in place afterwards (a DiT's `x += f(norm(x))`) gets wrong
+    gradients silently. Here the second run builds an ordinary graph, whose version counters catch
+    such an update (the trainer then switches `activations_copied` on, which this recomputation
+    honours). The first run records a graph too, with every saved tensor dropped, so code that asks
+    `torch.is_grad_enabled()` (dropouts, DyLoRA's draw, un-cached factors) behaves as in training."""
+
+    @staticmethod
+    def forward(ctx, call, anchor, *tensors):
+        ctx.call, ctx.rng = call, _rng_state(tensors)
+        ctx.set_materialize_grads(False)  # an unused output passes None: its branch gets no gradient
+        ctx.save_for_backward(*tensors)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_drop, _dropped):
+            outputs = tuple(o.detach() for o in call(*tensors))
+        ctx.mark_non_differentiable(*[o for o in outputs if not o.is_floating_point()])
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
+        cpu, devices = ctx.rng
+        with torch.random.fork_rng(devices=list(devices)), torch.enable_grad(), _copies_if_on():
+            torch.set_rng_state(cpu)
+            for device, state in devices.items():
+                torch.cuda.set_rng_state(state, device)
+            outputs = ctx.call(*inputs)
+        pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        return (None, None, *[t.grad if t.requires_grad else None for t in inputs])
+
+
+def _drop(tensor: torch.Tensor) -> None:
+    return None
+
+
+def _dropped(_) -> torch.Tensor:
+    raise RuntimeError("internal: a checkpointed block's first run was backpropagated")
+
+
+def _rng_state(tensors) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The CPU generator and those of the CUDA devices the block runs on: what dropouts draw from."""
+    cuda = {t.device.index or 0 for t in tensors if t.device.type == "cuda"}
+    return torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in sorted(cuda)}
 
 
 def _checkpointed_forward(module: nn.Module):
     original = module.forward
 
-    def on_copies(*args, **kwargs):
-        # a block that updates its inputs in place (`x += ...`) must not change what the
-        # checkpoint keeps for recomputation: values and requires_grad alike
-        return original(*map(_fresh, args), **{k: _fresh(v) for k, v in kwargs.items()})
-
     def forward(*args, **kwargs):
         if not torch.is_grad_enabled():
             return original(*args, **kwargs)
-        return torch.utils.checkpoint.checkpoint(on_copies, *args, use_reentrant=False, **kwargs)
+        leaves, spec = tree_flatten((args, kwargs))
+        where = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+        result = {}
+
+        def call(*tensors):
+            filled = list(leaves)
+            for i, t in zip(where, tensors):
+                filled[i] = t.clone()  # a block that updates its inputs in place must not change the saved ones
+            a, kw = tree_unflatten(filled, spec)
+            result["leaves"], result["spec"] = tree_flatten(original(*a, **kw))
+            return tuple(v for v in result["leaves"] if isinstance(v, torch.Tensor))
+
+        anchor = torch.empty(0, requires_grad=True)  # backward runs even when no input needs grad
+        outputs = iter(_Recomputed.apply(call, anchor, *[leaves[i] for i in where]))
+        out = [next(outputs) if isinstance(v, torch.Tensor) else v for v in result["leaves"]]
+        return tree_unflatten(out, result["spec"])
 
     return forward
 
 
 @contextmanager
 def checkpointed(blocks: Iterable[nn.Module]) -> Iterator[None]:
-    """Within the block, `blocks` recompute their activations in backward (non-reentrant
-    checkpointing, RNG state replayed, so dropout masks match). Restored on exit."""
+    """Within the block, `blocks` keep no activations and run again in backward (`_Recomputed`:
+    RNG state replayed, so dropout masks match; exact also for blocks that update activations in
+    place). Restored on exit."""
     done: list[tuple[nn.Module, object]] = []
     try:
         for module in blocks:
@@ -151,12 +208,31 @@ def _unpack(saved) -> torch.Tensor:
     return t
 
 
+_copying = 0  # activations_copied blocks open: checkpointed blocks copy in their second run too
+
+
 @contextmanager
 def activations_copied() -> Iterator[None]:
     """Within the block, tensors saved for backward that come out of recorded ops are copied when
     saved, so code that later updates them in place (`x += f(norm(x))`) cannot invalidate them.
     Costs a copy of each saved activation (up to twice their memory without checkpointing)."""
-    with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+    global _copying
+    _copying += 1
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+            yield
+    finally:
+        _copying -= 1
+
+
+@contextmanager
+def _copies_if_on() -> Iterator[None]:
+    """`activations_copied` for a checkpointed block's second run (in backward, which may run on
+    another thread) when the training step asked for copies."""
+    if _copying:
+        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+            yield
+    else:
         yield
 
 

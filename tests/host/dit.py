@@ -147,11 +147,15 @@ def state_dict(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
     cls = fam.host_class()
     config = fam.host_config()
     model = cls(**config, operations=_operations())
+    twin = dict(cls(**config, operations=_operations()).named_buffers())  # alive beside the first
     generator = torch.Generator().manual_seed(seed)
     _fill_(model, generator)
-    with torch.no_grad():  # buffers some classes leave uninitialised (SD3's pos_embed)
-        for buffer in model.buffers():
-            if buffer.is_floating_point() and not bool(torch.isfinite(buffer).all()):
+    with torch.no_grad():
+        # buffers some classes leave as allocated (SD3's pos_embed): their bytes are whatever the
+        # memory held, so they differ between two constructions (or are not finite)
+        for name, buffer in model.named_buffers():
+            if buffer.is_floating_point() and (not bool(torch.isfinite(buffer).all())
+                                               or not torch.equal(buffer, twin[name])):
                 buffer.copy_(0.02 * torch.randn(buffer.shape, generator=generator))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
