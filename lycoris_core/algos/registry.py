@@ -7,11 +7,24 @@ REGISTRY: dict[str, type] = {}
 SHARED_SUFFIXES = frozenset({"alpha", "dora_scale"})
 
 
+# algorithms trained under a name of their own that save in another's layout (DyLoRA saves as
+# LoRA): offered for training, never used to detect a file's algorithm
+TRAINING_ONLY: dict[str, type] = {}
+
+
 def register(cls):
     """Class decorator: add an Adapter subclass under its `algo` name."""
     if cls.algo in REGISTRY:
         raise ValueError(f"algorithm {cls.algo!r} registered twice")
     REGISTRY[cls.algo] = cls
+    return cls
+
+
+def register_training(cls):
+    """Class decorator: add a training-only Adapter subclass (see TRAINING_ONLY) under its `algo`."""
+    if cls.algo in REGISTRY or cls.algo in TRAINING_ONLY:
+        raise ValueError(f"algorithm {cls.algo!r} registered twice")
+    TRAINING_ONLY[cls.algo] = cls
     return cls
 
 
