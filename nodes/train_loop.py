@@ -96,37 +96,50 @@ def _set_rng_state(state: tuple) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def run_training(model, latents: torch.Tensor, conditioning, pairs, trainer: Trainer, *,
+def _latent_in(model_wrap, latent: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A bucket's latents as the host's sampler prepares the latent it is given: on the model's
+    device, through the model's `process_latent_in` (an all-zero latent is left as it is)."""
+    latent = latent.to(like)
+    if torch.count_nonzero(latent) > 0:
+        latent = model_wrap.inner_model.process_latent_in(latent)
+    return latent.clone() if latent.is_inference() else latent
+
+
+def run_training(model, latents: torch.Tensor | list[torch.Tensor], conditioning, pairs, trainer: Trainer, *,
                  steps: int, batch_size: int, seed: int, regularizer: Dropout | None,
                  gradient_checkpointing: bool, unique_id=None, options: ObjectiveOptions | None = None,
                  dropped_conditioning=None, objective_state: dict | None = None,
                  on_step=(), captions: CaptionEncoder | None = None) -> Progress:
     """Train through the host's guider from `trainer.step_count` to `steps`; returns the loss
-    history. `dropped_conditioning` (one entry) replaces a caption dropped by caption dropout;
+    history. `latents` is one tensor, or a list of one tensor per size bucket (images numbered
+    bucket after bucket, as the conditioning is; every batch comes from one bucket).
+    `dropped_conditioning` (one entry) replaces a caption dropped by caption dropout;
     `objective_state` continues the batch/noise draws of a saved run; each hook of `on_step`,
     `hook(done, objective, model_wrap)`, runs after every step with the adapters attached;
     `captions` (text-encoder training) encodes the batch's captions through the CLIP every step
     instead of using `conditioning` as it is. Interruption is kept in `Progress.interrupted` (with
     the losses so far) instead of raised. Call outside inference mode."""
+    buckets = latents if isinstance(latents, list) else [latents]
     progress = Progress()
-    objective = Objective(latents.shape[0], batch_size, seed, options)
+    objective = Objective([b.shape[0] for b in buckets], batch_size, seed, options)
     if objective_state is not None:
         objective.load_state(objective_state)
     start = getattr(trainer, "step_count", 0)
     pbar = comfy.utils.ProgressBar(max(1, steps - start))
     n_captions = len(conditioning)
 
-    def body(model_wrap, extra_args, x0_all):
+    def body(model_wrap, extra_args, x0_first):
         diffusion = model_wrap.inner_model.diffusion_model
         progress.objective = objective_name(model_wrap.inner_model.model_sampling)
         autograd_safe(diffusion)
-        x0_all = x0_all.clone() if x0_all.is_inference() else x0_all
+        x0_first = x0_first.clone() if x0_first.is_inference() else x0_first
+        x0_all = [x0_first] + [_latent_in(model_wrap, b, x0_first) for b in buckets[1:]]
         processed = [thawed(c) for c in model_wrap.conds["positive"]]
         conds, dropped = processed[:n_captions], (processed[n_captions] if dropped_conditioning else None)
         model_wrap.conds["positive"] = conds
         encoder_roots = []
         if captions is not None:
-            captions.bind(model_wrap, conds, x0_all)
+            captions.bind(model_wrap, conds, x0_first)
             objective.captions = captions
             encoder_roots.append(captions.root)
         blocks = checkpoint_blocks(diffusion) if gradient_checkpointing else []
@@ -146,9 +159,10 @@ def run_training(model, latents: torch.Tensor, conditioning, pairs, trainer: Tra
     guider = comfy.samplers.CFGGuider(model)
     guider.inner_set_conds({"positive": list(conditioning) + list(dropped_conditioning or [])})
     guider.set_cfg(1.0)
-    noise = torch.zeros((objective.batch_size,) + tuple(latents.shape[1:]), dtype=latents.dtype)
+    first = buckets[0]
+    noise = torch.zeros((objective.batch_size,) + tuple(first.shape[1:]), dtype=first.dtype)
     try:
-        guider.sample(noise, latents, TrainSampler(body), torch.ones(1), seed=seed)
+        guider.sample(noise, first, TrainSampler(body), torch.ones(1), seed=seed)
     except comfy.model_management.InterruptProcessingException:
         progress.interrupted = True
     return progress

@@ -4,11 +4,12 @@ captions) with the loss in the space of the model's own output."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from ..lycoris_core.train import flux_resolution_shift, min_snr_weight, offset_noise, sample_t, shift_t
+from ..lycoris_core.train import (BucketSampler, flux_resolution_shift, min_snr_weight, offset_noise, sample_t,
+                                  shift_t)
 
 if TYPE_CHECKING:
     from .train_text_encoder import CaptionEncoder
@@ -87,35 +88,50 @@ class ObjectiveOptions:
 class Objective:
     """Batches, noise and noise levels for each step (seeded), and the MSE in model-output space.
 
+    The images may come in buckets of different sizes (`n_images` a list of bucket sizes, the
+    latents a list of tensors, images numbered bucket after bucket): each optimiser step draws
+    one bucket, in proportion to its size, and all its micro-batches from it. With one bucket
+    nothing extra is drawn, so single-size runs draw what they drew before buckets existed.
     With gradient accumulation N, the samples of one optimiser step (N micro-batches) are drawn at
     once, so N x batch b draws exactly what one batch of N*b would."""
 
-    def __init__(self, n_images: int, batch_size: int, seed: int, options: ObjectiveOptions | None = None):
-        self.n = n_images
-        self.batch_size = min(batch_size, n_images)
+    def __init__(self, n_images: int | Sequence[int], batch_size: int, seed: int,
+                 options: ObjectiveOptions | None = None):
+        sizes = [n_images] if isinstance(n_images, int) else list(n_images)
+        self.n = sum(sizes)
+        self.batch_size = min(batch_size, self.n)
         self.options = options or ObjectiveOptions()
         self.g = torch.Generator().manual_seed(seed)
-        self.order: list[int] = []
+        self.sampler = BucketSampler(sizes, batch_size, self.g)
         self.batches: list[tuple] = []  # the micro-batches of the current optimiser step
         self.cursor = 0
         self.captions: CaptionEncoder | None = None  # text-encoder training: conds encoded per step
 
-    def indices(self, count: int | None = None) -> list[int]:
-        """The next `count` (default: a batch) of a reshuffled-every-epoch order of the images."""
-        out = []
-        while len(out) < (count or self.batch_size):
-            if not self.order:
-                self.order = torch.randperm(self.n, generator=self.g).tolist()
-            out.append(self.order.pop())
-        return out
+    @property
+    def order(self) -> list[int]:
+        """What is left of the first bucket's reshuffled order (the whole dataset's without buckets;
+        tests reset it to repeat a batch)."""
+        return self.sampler.orders[0]
+
+    @order.setter
+    def order(self, value: list[int]) -> None:
+        self.sampler.orders[0] = list(value)
 
     def state(self) -> dict:
         """What a resumed run needs to draw the same batches next (taken between steps)."""
-        return {"generator": self.g.get_state(), "order": list(self.order)}
+        state = {"generator": self.g.get_state(), "order": list(self.order)}
+        if len(self.sampler.sizes) > 1:
+            state["bucket_orders"] = [list(o) for o in self.sampler.orders]
+        return state
 
     def load_state(self, state: dict) -> None:
+        buckets = len(self.sampler.sizes)
+        saved = state.get("bucket_orders", [state["order"]])
+        if len(saved) != buckets:
+            raise ValueError(f"the saved run drew from {len(saved)} image size bucket(s), this dataset has "
+                             f"{buckets}: resume with the same dataset (or switch resume_state off)")
         self.g.set_state(state["generator"])
-        self.order = list(state["order"])
+        self.sampler.orders = [list(o) for o in saved]
         self.batches, self.cursor = [], 0
 
     def rewind(self) -> None:
@@ -135,30 +151,34 @@ class Objective:
             sigma = shift_t(t, flux_resolution_shift((latent_shape[-2] // 2) * (latent_shape[-1] // 2)))
         return sigma.clamp(float(ms.sigma_min), float(ms.sigma_max))
 
-    def _draw(self, x0_all: torch.Tensor, ms, objective: str) -> None:
-        """Samples for one optimiser step, split into its micro-batches."""
+    def _draw(self, parts: list[torch.Tensor], ms, objective: str) -> None:
+        """Samples for one optimiser step, from one bucket, split into its micro-batches."""
         o = self.options
-        b, count = self.batch_size, self.batch_size * o.accumulation
-        idx = self.indices(count)
-        noise = torch.randn((count,) + tuple(x0_all.shape[1:]), generator=self.g)
+        bucket, idx = self.sampler.draw(o.accumulation)
+        b, count = self.sampler.batch_size(bucket), len(idx)
+        shape = tuple(parts[bucket].shape[1:])
+        noise = torch.randn((count,) + shape, generator=self.g)
         t = sample_t(count, self.g, o.timestep_sampling, o.logit_mean, o.logit_std)
         noise = offset_noise(noise, o.noise_offset, self.g)
         dropped = (torch.rand(count, generator=self.g) < o.caption_dropout).tolist() \
             if o.caption_dropout > 0 else [False] * count
-        sigma = self.sigmas(t, ms, objective, x0_all.shape)
-        self.batches = [(idx[k:k + b], noise[k:k + b], sigma[k:k + b], dropped[k:k + b])
+        sigma = self.sigmas(t, ms, objective, (count,) + shape)
+        local = [i - self.sampler.offsets[bucket] for i in idx]  # rows of the bucket's tensor
+        self.batches = [(idx[k:k + b], bucket, local[k:k + b], noise[k:k + b], sigma[k:k + b], dropped[k:k + b])
                         for k in range(0, count, b)]
         self.cursor = 0
 
-    def loss(self, model_wrap, extra_args: dict, x0_all: torch.Tensor, conds: list[dict],
+    def loss(self, model_wrap, extra_args: dict, x0_all: torch.Tensor | list[torch.Tensor], conds: list[dict],
              dropped_cond: dict | None = None) -> torch.Tensor:
+        """The loss of the step's next micro-batch; `x0_all` is the latents, or one tensor per bucket."""
         ms = model_wrap.inner_model.model_sampling
         objective = objective_name(ms)
+        parts = x0_all if isinstance(x0_all, list) else [x0_all]
         if self.cursor >= len(self.batches):
-            self._draw(x0_all, ms, objective)
-        idx, noise, sigma, dropped = self.batches[self.cursor]
+            self._draw(parts, ms, objective)
+        idx, bucket, local, noise, sigma, dropped = self.batches[self.cursor]
         self.cursor += 1
-        x0 = x0_all[idx]
+        x0 = parts[bucket][local]
         noise = noise.to(device=x0.device, dtype=x0.dtype)
         sigma = sigma.to(x0.device)
         xt = ms.noise_scaling(sigma, noise, x0)
