@@ -391,6 +391,20 @@ def _publish_new(tmp: str, path: str) -> None:
     os.remove(tmp)
 
 
+def write_new_file(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` as the new file `path`, atomically; FileExistsError when `path` exists (also
+    when another writer takes the name meanwhile), so nothing is ever overwritten."""
+    path = os.fspath(path)
+    tmp = _temp_beside(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        _publish_new(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
                       metadata: Mapping[str, str] | None = None, *, overwrite: bool = False) -> str:
     """Write a safetensors file atomically (temporary file beside it, fsync, rename).

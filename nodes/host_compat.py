@@ -210,3 +210,17 @@ def send_progress_text(text: str, unique_id) -> None:
     instance = getattr(getattr(server, "PromptServer", None), "instance", None)
     if instance is not None and unique_id is not None and hasattr(instance, "send_progress_text"):
         instance.send_progress_text(text, unique_id)
+
+
+def latent_rgb_previewer(latent_format):
+    """The host's linear latent-to-RGB previewer for a latent format (None when the format has no
+    factors). Newer hosts (v0.8.0) also take `latent_rgb_factors_reshape`, for packed latents."""
+    import latent_preview
+
+    if latent_format.latent_rgb_factors is None:
+        return None
+    args = [latent_format.latent_rgb_factors, latent_format.latent_rgb_factors_bias]
+    reshape = getattr(latent_format, "latent_rgb_factors_reshape", None)
+    if reshape is not None:
+        args.append(reshape)
+    return latent_preview.Latent2RGBPreviewer(*args)
