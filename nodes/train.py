@@ -29,8 +29,15 @@ offset noise; caption dropout to an empty-caption (or zero) conditioning; gradie
 (all micro-batches of a step drawn at once, so N x b equals one batch of N*b).
 
 Save every N steps writes the adapter and, beside it, `<name>.optim.pt` (optimizer per parameter
-name, schedule, loss scaler, the objective's generator and image order, the global RNG); resuming
-from that file with `resume_state` continues exactly, with `steps` counting the whole run.
+name, schedule, loss scaler, the objective's generator and image order, the global RNG, and the
+scalar and unscaled factors of `use_scalar` adapters, whose file holds only their product); resuming
+from that file with `resume_state` continues exactly, with `steps` counting the whole run, text-
+encoder modules included when train_text_encoder is on again.
+
+Sample every N steps (`train_preview`): a preview sampled with the adapter as trained so far (fixed
+seed, Euler, cfg 1) shows on the node; with a VAE the previews are decoded after the run into
+`<prefix>_<run>_sample_step<step>.png` and the `samples` output. Training is bit-identical with
+and without them.
 
 Interruption (the queue's cancel button): training stops at the next step and the node returns
 what was trained so far (MODEL, LYCORIS, loss) instead of failing, so a Save LyCORIS node
@@ -54,18 +61,22 @@ import folder_paths
 from ..lycoris_core import AdapterFile
 from ..lycoris_core.io import parse_json
 from ..lycoris_core.save import standard_metadata
+from ..lycoris_core.train.dylora import as_dylora
 from ..lycoris_core.train import (OPTIMIZERS, PRESETS, SCHEDULES, TIMESTEP_SAMPLING, Dropout, Root, Trainer,
                                   create_adapters, default_kinds, freeze, kohya_name, resume_adapters,
                                   select_targets, trainable_algorithms, wrapper_weights_kept)
 from .apply import apply_lycoris
+from .dataset import bucket_metadata, from_host_lists, latent_buckets
 from .host_compat import dequantiser_for, differentiable_rope, read_adapters, send_progress_text, training_flag
-from .keymap import MODEL, KeyMap, _split_value
+from .keymap import CLIP, MODEL, KeyMap, _split_value
 from .loss_plot import draw_loss
 from .train_loop import thawed, run_training
 from .train_objective import (SHIFTS, ObjectiveOptions, objective_metadata, objective_name, with_guidance,
                               zero_conditioning)
-from .train_state import NO_FILE, Checkpoints, load_train_state, restore_train_state
-from .train_text_encoder import CaptionEncoder, check_text_encoder_inputs, text_encoder_adapters
+from .train_preview import SamplePreviews, no_samples
+from .train_state import NO_FILE, Checkpoints, load_train_state, restore_scalars, restore_train_state
+from .train_text_encoder import (CaptionEncoder, check_text_encoder_inputs, resumed_text_encoder,
+                                 text_encoder_adapters)
 
 log = logging.getLogger("comfyui-lycoris")
 
@@ -115,15 +126,16 @@ def module_names(model, hint: str | None) -> dict[str, str]:
     return out
 
 
-def resume_lookup(model, names) -> dict[str, torch.nn.Module]:
+def resume_lookup(model, names, clip=None) -> dict[str, torch.nn.Module]:
     """Module for every saved name the host's key map (plus our normalisation) resolves to a
-    whole diffusion-model weight."""
-    keymap = KeyMap(model)
-    root = model.model
+    whole diffusion-model weight, or, with `clip`, a whole text-encoder weight."""
+    keymap = KeyMap(model, clip)
+    roots = {MODEL: model.model, CLIP: None if clip is None else clip.cond_stage_model}
     out = {}
     for name in names:
         hit = keymap.lookup(name)
-        if hit is None or hit[0] != MODEL:
+        root = None if hit is None else roots.get(hit[0])
+        if root is None:
             continue
         key, offset, function = _split_value(hit[1])
         if offset is not None or function is not None or not key.endswith(".weight"):
@@ -159,8 +171,9 @@ class LycorisTrain:
 
     CATEGORY = CATEGORY
     FUNCTION = "run"
-    RETURN_TYPES = ("MODEL", LYCORIS_TYPE, "LOSS_MAP", "IMAGE", "CLIP")
-    RETURN_NAMES = ("model", "lycoris", "loss", "loss_plot", "clip")
+    INPUT_IS_LIST = True  # the host's dataset nodes give lists of LATENTs/CONDITIONINGs: one run for all
+    RETURN_TYPES = ("MODEL", LYCORIS_TYPE, "LOSS_MAP", "IMAGE", "CLIP", "IMAGE")
+    RETURN_NAMES = ("model", "lycoris", "loss", "loss_plot", "clip", "samples")
     OUTPUT_TOOLTIPS = ("The input model with the trained adapter applied.",
                        "The trained adapter (connect to Save LyCORIS, a LyCORIS apply node, or "
                        "another train node's resume input).",
@@ -168,7 +181,9 @@ class LycorisTrain:
                        "the objective trained (\"objective\": epsilon, v-prediction, flow matching...).",
                        "The loss history drawn as an image.",
                        "The input CLIP with the trained text-encoder adapters applied (as given when "
-                       "train_text_encoder is off; empty without a clip input).")
+                       "train_text_encoder is off; empty without a clip input).",
+                       "The sample previews (sample_every) decoded by the vae input, one per preview; "
+                       "a 1x1 black image without a vae or previews.")
     DESCRIPTION = ("Train a LyCORIS adapter (LoRA/LoCon, LoHa, LoKr, (IA)^3, GLoRA, Diag-OFT, BOFT, full, "
                    "norms; DoRA, Tucker, scalar) on the diffusion model from encoded images and "
                    "captions. The base weights are never changed (the adapter runs beside each layer), "
@@ -219,12 +234,16 @@ class LycorisTrain:
                                "as square as possible)."),
                 "decompose_both": ("BOOLEAN", {"default": False, "tooltip": "LoKr: split both factors."}),
                 "use_tucker": ("BOOLEAN", {"default": False, "tooltip": "Tucker core for k>1 convs."}),
-                "use_scalar": ("BOOLEAN", {"default": False, "tooltip": "Trainable scalar (baked in on save)."}),
+                "use_scalar": ("BOOLEAN", {"default": False, "tooltip": "Trainable scalar (baked in on save; "
+                               "the save_every state keeps it apart, so resumes stay exact)."}),
                 "dora": (list(DORA), {"default": "off", "tooltip": "DoRA weight decomposition and the "
                          "axis of its magnitude (LoRA/LoHa/LoKr)."}),
                 "constraint": _float(default=0.0, min=0.0, max=100.0, step=1e-4, round=False,
                                      tooltip="Diag-OFT/BOFT norm constraint (0: none)."),
                 "rescaled": ("BOOLEAN", {"default": False, "tooltip": "Diag-OFT/BOFT output rescale."}),
+                "dylora_block_size": _int(default=4, min=1, max=4096, tooltip="DyLoRA: ranks train in "
+                                          "nested blocks of this size, so the saved LoRA can be cut to "
+                                          "any multiple of it (rank and conv_rank must be multiples)."),
                 "train_on_input": ("BOOLEAN", {"default": False, "tooltip": "(IA)^3: scale inputs "
                                    "instead of outputs."}),
                 "dropout": _float(default=0.0, min=0.0, max=0.99, step=0.01),
@@ -245,7 +264,9 @@ class LycorisTrain:
                 "train_text_encoder": ("BOOLEAN", {"default": False, "tooltip": "Also train adapters on "
                                        "the text encoder's attention and MLP layers (needs clip and "
                                        "captions; each step re-encodes the batch's captions, replacing "
-                                       "the conditioning's text). Not offered for LLM text encoders."}),
+                                       "the conditioning's text). Not offered for LLM text encoders. "
+                                       "Resuming, the adapter's own text-encoder modules continue (off: "
+                                       "they are kept unchanged)."}),
                 "text_encoder_lr": _float(default=5e-5, min=0.0, max=10.0, step=1e-6, round=False,
                                           tooltip="Learning rate of the text-encoder adapters (its own "
                                           "optimizer group, same schedule; 0 keeps them at their start)."),
@@ -293,6 +314,15 @@ class LycorisTrain:
                                  "<name>.optim.pt beside it: continue its optimizer, schedule and data "
                                  "order exactly; steps then counts the whole run (the saved steps "
                                  "included)."}),
+                "sample_every": _int(default=0, min=0, max=1_000_000, tooltip="Every N steps, sample a "
+                                     "preview with the adapter as trained so far (fixed seed, Euler, cfg "
+                                     "1), shown on the node; with a vae also saved as "
+                                     "<save_prefix>_<run>_sample_step<step>.png; 0: off."),
+                "sample_steps": _int(default=20, min=1, max=1000, tooltip="Sampling steps of each preview."),
+                "sample_conditioning": ("CONDITIONING", {"tooltip": "The prompt of the previews (default: "
+                                        "the first caption's conditioning)."}),
+                "vae": ("VAE", {"tooltip": "Decodes the previews after training into PNGs and the "
+                        "samples output."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -301,6 +331,7 @@ class LycorisTrain:
     def IS_CHANGED(cls, resume_file=NO_FILE, **kwargs):
         """Re-run after an interrupted run (its partial result must not be reused) and when the
         resumed file changes on disk."""
+        resume_file = resume_file[0] if isinstance(resume_file, list) else resume_file  # INPUT_IS_LIST
         path = None if resume_file in (None, "", NO_FILE) else folder_paths.get_full_path("loras", resume_file)
         if path is None:
             return _interruptions
@@ -308,12 +339,13 @@ class LycorisTrain:
         return (_interruptions, path, st.st_mtime_ns, st.st_size)
 
     def run(self, **inputs):
-        """The node: trained model, adapter, loss, loss plot and the CLIP with its trained adapters."""
-        return self._train(**inputs)
+        """The node: trained model, adapter, loss, loss plot, the CLIP with its trained adapters and
+        the decoded sample previews."""
+        return self._train(**from_host_lists(inputs))
 
     def train(self, **inputs):
         """The first four outputs (model, lycoris, loss, loss_plot), as before the CLIP output."""
-        return self._train(**inputs)[:4]
+        return self._train(**from_host_lists(inputs))[:4]
 
     def _train(self, model, latents, conditioning, algorithm, preset, rank, alpha, conv_rank,
               conv_alpha, steps, batch_size, learning_rate, optimizer, lr_schedule, warmup_steps,
@@ -326,17 +358,18 @@ class LycorisTrain:
               noise_offset=0.0, caption_dropout=0.0, empty_conditioning=None, gradient_accumulation=1,
               oft_blocks=0, train_norm=False, save_every=0, save_prefix="lycoris/checkpoint",
               resume_state=True, clip=None, train_text_encoder=False, text_encoder_lr=5e-5,
+              sample_every=0, sample_steps=20, sample_conditioning=None, vae=None, dylora_block_size=4,
               unique_id=None):
         global _interruptions
-        samples = latents["samples"]
-        n_images = samples.shape[0]
+        buckets = latent_buckets(latents)  # one tensor per image size (LyCORIS Dataset), images in order
+        samples, n_images = buckets[0], sum(b.shape[0] for b in buckets)
         if len(conditioning) not in (1, n_images):
             raise ValueError(f"conditioning has {len(conditioning)} entries but there are {n_images} "
                              "images: give one caption for all or one per image")
         resume = self._resume_source(resume_lycoris, resume_file)
         lines = [c.strip() for c in captions.splitlines() if c.strip()]
         if train_text_encoder:
-            check_text_encoder_inputs(clip, lines, n_images, resume)
+            check_text_encoder_inputs(clip, lines, n_images)
         objective = ObjectiveOptions(timestep_sampling, logit_mean, logit_std, timestep_shift, shift,
                                      min_snr_gamma, noise_offset, caption_dropout, gradient_accumulation)
         conditioning = thawed(conditioning)
@@ -363,26 +396,31 @@ class LycorisTrain:
             saved_state = load_train_state(resume_file) if resume_state and resume_lycoris is None else None
             te_lrs, encoder = {}, None
             if resume is not None:
-                built, kept = self._resumed(mp, resume, device)
+                built, kept = self._resumed(mp, resume, device, clip if train_text_encoder else None)
                 options = {}
             else:
                 options = dict(factor=factor, decompose_both=decompose_both, use_tucker=use_tucker,
                                use_scalar=use_scalar, dora=DORA[dora], constraint=constraint,
-                               rescaled=rescaled, on_input=train_on_input)
+                               rescaled=rescaled, on_input=train_on_input, block_size=dylora_block_size)
                 built = self._fresh(mp, hint, algorithm, preset, include_regex, exclude_regex, rank,
                                     alpha, conv_rank, conv_alpha, options, device, unique_id,
                                     oft_blocks=oft_blocks, train_norm=train_norm)
                 kept = {}
                 options = {k: v for k, v in options.items() if k not in built.ignored["options"]}
                 options.update(oft_blocks=oft_blocks or None, train_norm=train_norm)
-            if train_text_encoder:
+            if train_text_encoder and resume is not None:
+                te_lrs = dict.fromkeys(resumed_text_encoder(clip, built), text_encoder_lr)
+            elif train_text_encoder:
                 te = text_encoder_adapters(clip, algorithm, rank, alpha, {k: v for k, v in options.items()
                                            if k not in ("oft_blocks", "train_norm")},
                                            exclude_regex, oft_blocks)
                 built.adapters.update(te.adapters)
                 built.modules.update(te.modules)
                 te_lrs = dict.fromkeys(te.adapters, text_encoder_lr)
-                encoder = CaptionEncoder(clip, lines)
+            if train_text_encoder:
+                encoder = CaptionEncoder(clip, lines, checkpointing=gradient_checkpointing)
+            if saved_state is not None:
+                restore_scalars(saved_state, built.adapters)
             trainer = Trainer(built.adapters, steps=steps, lr=learning_rate, optimizer=optimizer,
                               weight_decay=weight_decay, schedule=lr_schedule,
                               warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
@@ -406,16 +444,23 @@ class LycorisTrain:
                        text_encoder_lr=text_encoder_lr if train_text_encoder else None)
 
             def metadata(done: int, interrupted: bool = False) -> dict[str, str]:
-                return self._metadata({**kept, **built.adapters}, resume, settings, hint, done, samples,
+                return self._metadata({**kept, **built.adapters}, resume, settings, hint, done, buckets,
                                       captions, {**run, "interrupted": interrupted})
 
             on_step = []
             if save_every > 0:
                 on_step.append(Checkpoints(save_every, save_prefix, {**kept, **built.adapters}, trainer,
                                            lambda done: metadata(done - start), device))
+            previews = None
+            if sample_every > 0:
+                previews = SamplePreviews(sample_every, sample_steps, conditioning, samples.shape, seed,
+                                          sample_conditioning=sample_conditioning, guidance=flux_guidance,
+                                          start=start, total=steps,
+                                          save_prefix=save_prefix if vae is not None else None)
+                on_step.append(previews)
             loaded = [mp] + ([clip.patcher] if encoder is not None else [])
             comfy.model_management.load_models_gpu(loaded, memory_required=1e20, force_full_load=True)
-            progress = run_training(mp, samples.clone(), conditioning, built.pairs(), trainer,
+            progress = run_training(mp, [b.clone() for b in buckets], conditioning, built.pairs(), trainer,
                                     steps=steps, batch_size=batch_size, seed=seed,
                                     regularizer=regularizer,
                                     gradient_checkpointing=gradient_checkpointing, unique_id=unique_id,
@@ -441,7 +486,7 @@ class LycorisTrain:
             trained_model = apply_lycoris(model, None, result, 1.0, 0.0)[0]
         image = np.asarray(draw_loss(progress.losses), dtype=np.float32) / 255.0
         return (trained_model, result, {"loss": list(progress.losses), "objective": progress.objective},
-                torch.from_numpy(image)[None], clip)
+                torch.from_numpy(image)[None], clip, no_samples() if previews is None else previews.images(vae))
 
     @staticmethod
     def _resume_source(resume_lycoris, resume_file):
@@ -477,18 +522,23 @@ class LycorisTrain:
         return built
 
     @staticmethod
-    def _resumed(mp, saved, device):
-        """Trainable copies of the saved modules this model has; the others are kept unchanged."""
-        lookup = resume_lookup(mp, list(saved))
+    def _resumed(mp, saved, device, clip=None):
+        """Trainable copies of the saved modules this model has, and the text encoders' of `clip`
+        (given when they train); the others are kept unchanged."""
+        lookup = resume_lookup(mp, list(saved), clip)
         built, missing = resume_adapters(saved, lookup, device=device)
+        built.adapters = as_dylora(built.adapters, getattr(saved, "metadata", None))  # nested blocks go on
         kept = {name: saved[name] for name in missing}
         if missing:
-            log.warning("LyCORIS Train: %d saved modules are not layers of this diffusion model and are "
-                        "kept unchanged (first: %s)", len(missing), missing[0])
+            log.warning("LyCORIS Train: %d saved modules are not layers of this diffusion model%s and are "
+                        "kept unchanged (first: %s)", len(missing),
+                        " or CLIP" if clip is not None else " (text-encoder ones train with train_text_encoder)",
+                        missing[0])
         return built, kept
 
     @staticmethod
-    def _metadata(adapters, resume, settings, hint, done, samples, captions, run) -> dict[str, str]:
+    def _metadata(adapters, resume, settings, hint, done, buckets, captions, run) -> dict[str, str]:
+        samples, n_images = buckets[0], sum(b.shape[0] for b in buckets)
         previous = dict(getattr(resume, "metadata", None) or {})
         try:
             prev_steps = int(previous.get("ss_steps", 0))
@@ -501,13 +551,13 @@ class LycorisTrain:
             args = {}
         args.update({k: v for k, v in settings.items() if v is not None})
         lines = [c for c in captions.splitlines() if c.strip()]
-        tags = tag_frequency(lines, samples.shape[0]) if lines else None
+        tags = tag_frequency(lines, n_images) if lines else None
         spatial = tuple(samples.shape[-2:]) if hint is not None and samples.ndim == 4 else None
         extra = {"ss_learning_rate": run["learning_rate"], "ss_unet_lr": run["learning_rate"],
                  "ss_optimizer": "{0.module}.{0.attr}".format(OPTIMIZERS[run["optimizer"]]),
                  "ss_lr_scheduler": run["lr_schedule"], "ss_lr_warmup_steps": run["warmup_steps"],
                  "ss_seed": run["seed"], "ss_batch_size_per_device": run["batch_size"],
-                 "ss_num_train_images": samples.shape[0],
+                 "ss_num_train_images": n_images,
                  "ss_gradient_checkpointing": run["gradient_checkpointing"],
                  "ss_mixed_precision": run["training_dtype"], "ss_max_grad_norm": run["max_grad_norm"],
                  "ss_weight_decay": run["weight_decay"], "ss_network_train_text_encoder_only": False,
@@ -517,6 +567,7 @@ class LycorisTrain:
         if run["text_encoder_lr"] is not None:
             extra["ss_text_encoder_lr"] = run["text_encoder_lr"]
         extra.update(objective_metadata(run["objective"]))
+        extra.update(bucket_metadata(buckets, 8 if spatial else None))
         if run["flux_guidance"] >= 0:
             extra["ss_guidance_scale"] = run["flux_guidance"]
         meta = dict(previous)

@@ -11,6 +11,7 @@ import folder_paths
 
 from ..lycoris_core.save import save_file
 from ..lycoris_core.train import Trainer
+from ..lycoris_core.train.build import restore_scalar, scalar_parameters
 from .train_objective import Objective
 
 log = logging.getLogger("comfyui-lycoris")
@@ -27,10 +28,11 @@ def state_path(adapter_path: str) -> str:
 
 def train_state(trainer: Trainer, objective: Objective, device: torch.device) -> dict:
     """Everything a resumed run needs to continue exactly: optimizer and schedule, the batch/noise
-    draws, and the global RNG that dropouts use (tensors, numbers and lists only: loads with
+    draws, the global RNG that dropouts use, and the parameters of `use_scalar` adapters as trained
+    (their file holds the scalar baked in) (tensors, numbers and lists only: loads with
     `torch.load(weights_only=True)`)."""
     state = {"format": STATE_FORMAT, "trainer": trainer.state_dict(), "objective": objective.state(),
-             "rng": torch.get_rng_state()}
+             "rng": torch.get_rng_state(), "scalars": scalar_parameters(trainer.adapters)}
     if device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(device)
     return state
@@ -49,8 +51,22 @@ def load_train_state(resume_file) -> dict | None:
     return state
 
 
+def restore_scalars(state: dict, adapters: dict) -> None:
+    """Put the trainable scalars of a saved run's `use_scalar` adapters back (before the trainer is
+    made, so its optimizer holds them): the optimizer state continues that parameterisation."""
+    for name, parameters in state.get("scalars", {}).items():
+        if name in adapters:  # one this run does not train is refused by restore_train_state
+            restore_scalar(adapters[name], parameters)
+
+
 def restore_train_state(state: dict, trainer: Trainer, device: torch.device, steps: int) -> None:
     """Put a saved run's optimizer, schedule and RNG back (the objective's draws go to run_training)."""
+    trained = {f"{n}.{k}" for n, a in trainer.adapters.items() for k, p in a.named_parameters() if p.requires_grad}
+    untrained = sorted(set(state["trainer"]["param_state"]) - trained)
+    if untrained:
+        raise ValueError(f"the optimizer state trains {len(untrained)} parameters that this run does not "
+                         f"(first: {untrained[0]}): train the same modules as the saved run (text-encoder "
+                         "ones need train_text_encoder and the clip), or switch resume_state off")
     trainer.load_state_dict(state["trainer"])
     if trainer.step_count >= steps:
         raise ValueError(f"the resumed run already trained {trainer.step_count} steps: with its optimizer "

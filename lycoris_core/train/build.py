@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..algos import REGISTRY, Adapter
+from ..algos.registry import TRAINING_ONLY
 from ..errors import LycorisError
 from ..layer import LayerSpec
 from .targets import Target
@@ -42,9 +43,9 @@ def _kinds_of(cls: type) -> tuple[str, ...]:
 
 def layer_kinds(algo: str) -> tuple[str, ...]:
     """The layer kinds ("linear", "conv", "norm") that `algo` can train; empty if none."""
-    cls = REGISTRY.get(algo)
+    cls = _algorithm(algo)
     if cls is None:
-        raise LycorisError(f"unknown algorithm {algo!r} (known: {', '.join(sorted(REGISTRY))})")
+        raise LycorisError(f"unknown algorithm {algo!r} (known: {', '.join(sorted([*REGISTRY, *TRAINING_ONLY]))})")
     if not callable(getattr(cls, "create", None)):
         return ()
     return _kinds_of(cls)
@@ -59,7 +60,12 @@ def default_kinds(algo: str) -> tuple[str, ...]:
 
 def trainable_algorithms() -> list[str]:
     """Registered algorithms that can be trained, in registry order."""
-    return [name for name in REGISTRY if layer_kinds(name)]
+    return [name for name in (*REGISTRY, *TRAINING_ONLY) if layer_kinds(name)]
+
+
+def _algorithm(algo: str) -> type | None:
+    """The class of `algo`: a file-format algorithm or a training-only one (DyLoRA)."""
+    return REGISTRY.get(algo) or TRAINING_ONLY.get(algo)
 
 
 def _accepted(cls: type, options: Mapping[str, object]) -> dict[str, object]:
@@ -100,7 +106,7 @@ def create_adapters(targets: Iterable[Target], algo: str, rank: int = 4, alpha: 
     `oft_blocks` > 0 gives Diag-OFT a fixed number of blocks per layer (block size = output
     channels / blocks) instead of a fixed block size (`rank`); layers it does not divide are left out.
     """
-    cls = REGISTRY.get(algo)
+    cls = _algorithm(algo)
     if cls is None or not layer_kinds(algo):
         raise LycorisError(f"algorithm {algo!r} cannot be trained (trainable: "
                            f"{', '.join(trainable_algorithms())})")
@@ -195,6 +201,43 @@ def resume_adapters(saved: Mapping[str, Adapter], modules: Mapping[str, nn.Modul
         raise LycorisError(f"none of the {len(saved)} saved modules matches a layer of this model "
                            f"(first: {next(iter(saved), '-')})")
     return built, missing
+
+
+def scalar_parameters(adapters: Mapping[str, Adapter]) -> dict[str, dict[str, torch.Tensor]]:
+    """For every adapter with a trainable scalar, its parameters as trained (CPU copies).
+
+    A saved file holds the scalar baked into the factors. Training cannot continue exactly from
+    that product: the optimizer's moments belong to the scalar and the unscaled factors, and the
+    gradients differ between the two parameterisations. A resume state keeps these instead."""
+    return {name: {k: p.detach().cpu().clone() for k, p in a.named_parameters()}
+            for name, a in adapters.items() if a.scalar is not None}
+
+
+def restore_scalar(adapter: Adapter, parameters: Mapping[str, torch.Tensor]) -> None:
+    """Give a resumed copy of a `use_scalar` adapter back the scalar and unscaled factors it was
+    trained with (from `scalar_parameters`), after checking that they export to the tensors it
+    was loaded with (so they belong to this file)."""
+    loaded = {k: t.clone() for k, t in adapter.export().items()}  # export shares the factors' storage
+    if "scalar" not in parameters:
+        raise LycorisError("the saved parameters hold no scalar", key=adapter.name)
+    device = next(adapter.parameters()).device
+    adapter.scalar = nn.Parameter(torch.zeros((), dtype=torch.float32, device=device))
+    own = dict(adapter.named_parameters())
+    if set(own) != set(parameters):
+        raise LycorisError(f"the saved parameters ({', '.join(sorted(parameters))}) are not this "
+                           f"{adapter.algo} adapter's ({', '.join(sorted(own))})", key=adapter.name)
+    with torch.no_grad():
+        for name, value in parameters.items():
+            if tuple(value.shape) != tuple(own[name].shape):
+                raise LycorisError(f"saved {name} has shape {list(value.shape)}, the adapter's "
+                                   f"{list(own[name].shape)}", key=adapter.name)
+            own[name].copy_(value)
+    adapter.clear_cache()
+    for suffix, tensor in adapter.export().items():
+        want = loaded[suffix].float()
+        if not torch.allclose(tensor.float(), want, rtol=1e-3, atol=1e-3 * float(want.abs().max())):
+            raise LycorisError(f"the saved scalar and factors do not give the adapter's {suffix}: they "
+                               "belong to another file", key=adapter.name)
 
 
 def freeze(adapters: Mapping[str, Adapter]) -> None:
