@@ -276,3 +276,19 @@ def assert_trainable(adapter, layer: nn.Module, x: torch.Tensor, *, atol: float 
     else:
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
     return params
+
+
+def lycoris_applied(path: str, model: nn.Module, prefix: str = "lora_unet"):
+    """(a copy of `model` with the file applied by lycoris-lora's own loader, its network): names
+    are read with `prefix` as lycoris-lora's LoRA prefix."""
+    from lycoris.wrapper import LycorisNetwork, create_lycoris_from_weights
+
+    ref_model = copy.deepcopy(model)
+    saved = LycorisNetwork.LORA_PREFIX
+    LycorisNetwork.LORA_PREFIX = prefix
+    try:
+        network, _ = create_lycoris_from_weights(1.0, path, ref_model)
+    finally:
+        LycorisNetwork.LORA_PREFIX = saved
+    network.apply_to()
+    return ref_model, network

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import warnings
 
 import pytest
 import torch
 
-from test_host_train_te import encode, forget_runs, run, te_modules, tiny_host
+from host.te_training import encode, forget_runs, run, te_modules, tiny_host
+
+pytestmark = pytest.mark.usefixtures("quiet_warnings")
 
 _HALF: dict = {}  # prefix -> (the 4-step run, its step-2 checkpoint)
 OPTIONS = dict(lr_schedule="cosine", warmup_steps=1, rank_dropout=0.2, learning_rate=1e-2, text_encoder_lr=1e-2)
@@ -32,13 +33,6 @@ def output_in_loras(loras_dir, one_thread):
         yield str(loras_dir)
     _HALF.clear()
     forget_runs()
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def params(lycoris) -> dict[str, torch.Tensor]:

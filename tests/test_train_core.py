@@ -17,7 +17,7 @@ from lycoris_core.train import (PRESETS, Dropout, Root, Trainer, activations_cop
                                 checkpoint_blocks, checkpointed, create_adapters, default_kinds, freeze,
                                 layer_kinds, lr_factor, param_groups, resume_adapters, select_targets,
                                 trainable_algorithms)
-from oracle import reference_forward, rel_err
+from oracle import lycoris_applied, reference_forward, rel_err
 from train_model import tiny_unet
 
 ALGOS = trainable_algorithms()
@@ -222,17 +222,8 @@ def test_weights_made_under_inference_mode():
 # ----- files: our reader, lycoris-lora, resume ---------------------------------------------------
 def lycoris_reference(path, model, built):
     """The saved file run by lycoris-lora: (model output, per-layer merged weights) where it can."""
-    from lycoris.wrapper import LycorisNetwork, create_lycoris_from_weights
-
-    ref_model = copy.deepcopy(model)
-    prefix = LycorisNetwork.LORA_PREFIX
-    LycorisNetwork.LORA_PREFIX = "lora_unet"
-    try:
-        network, _ = create_lycoris_from_weights(1.0, path, ref_model)
-    finally:
-        LycorisNetwork.LORA_PREFIX = prefix
+    ref_model, network = lycoris_applied(path, model)
     assert len(network.loras) == len(built.adapters)
-    network.apply_to()
     return ref_model
 
 

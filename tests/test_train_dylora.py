@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import copy
 import os
 import types
 
@@ -26,7 +25,7 @@ from lycoris_core.algos import detect
 from lycoris_core.train import (DyLoRA, Root, Trainer, as_dylora, attached, checkpoint_blocks, checkpointed,
                                 create_adapters, default_kinds, freeze, resume_adapters, select_targets,
                                 trainable_algorithms, truncated)
-from oracle import make_layer, rel_err, sample_input
+from oracle import lycoris_applied, make_layer, rel_err, sample_input
 from train_model import tiny_unet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -222,16 +221,7 @@ def cut_losses(path: str, model, x, target, modules, tmp_path) -> dict[int, floa
 
 def lycoris_output(path: str, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The file applied by lycoris-lora's own loader."""
-    from lycoris.wrapper import LycorisNetwork, create_lycoris_from_weights
-
-    ref_model = copy.deepcopy(model)
-    prefix = LycorisNetwork.LORA_PREFIX
-    LycorisNetwork.LORA_PREFIX = "lora_unet"
-    try:
-        network, _ = create_lycoris_from_weights(1.0, path, ref_model)
-    finally:
-        LycorisNetwork.LORA_PREFIX = prefix
-    network.apply_to()
+    ref_model, _ = lycoris_applied(path, model)
     with torch.no_grad():
         return ref_model(x)
 
