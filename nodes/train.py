@@ -66,7 +66,7 @@ from ..lycoris_core.train import (OPTIMIZERS, PRESETS, SCHEDULES, TIMESTEP_SAMPL
                                   create_adapters, default_kinds, freeze, kohya_name, resume_adapters,
                                   select_targets, trainable_algorithms, wrapper_weights_kept)
 from .apply import apply_lycoris
-from .dataset import bucket_metadata, from_host_lists, latent_buckets
+from .train_inputs import bucket_metadata, from_host_lists, latent_buckets
 from .host_compat import dequantiser_for, differentiable_rope, read_adapters, send_progress_text, training_flag
 from .keymap import CLIP, MODEL, KeyMap, _split_value
 from .loss_plot import draw_loss

@@ -18,6 +18,7 @@ from PIL import Image
 
 from host.helpers import pack_module
 
+BUCKETS_KEY = "lycoris_buckets"  # the LATENT key of the buckets after the first (the documented format)
 RES = dict(resolution=64, bucket_step=16, min_side=32, max_side=128)
 SQUARE, WIDE = (8, 8), (6, 10)  # latent (h, w) of the 64x64 and 80x48 buckets
 IMAGES = {"a.png": ((64, 64), "a red square"), "b.png": ((96, 96), "a blue square"),
@@ -45,6 +46,12 @@ def make_folder(path, names=tuple(IMAGES)):
 @pytest.fixture(scope="module")
 def D(lycoris_pack):
     return pack_module("nodes.dataset")
+
+
+@pytest.fixture(scope="module")
+def inputs_module(lycoris_pack):
+    """What LyCORIS Train reads as its images: the bucketed LATENT and the host's lists."""
+    return pack_module("nodes.train_inputs")
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +106,7 @@ def test_images_are_bucketed_and_captions_follow_the_bucket_order(D, host_models
 
     clip = host_models[1]
     latent, conditioning, captions = dataset[2]
-    buckets = latent[D.BUCKETS_KEY]
+    buckets = latent[BUCKETS_KEY]
     assert [tuple(b.shape) for b in buckets] == [(2, 4) + SQUARE, (2, 4) + WIDE]
     assert latent["samples"] is buckets[0]
     assert captions.split("\n") == ["a red square", "a blue square", "a wide green field", ""]
@@ -124,7 +131,7 @@ def test_latents_equal_the_hosts_vae_encode_of_the_cropped_image(D, host_models,
         square = Image.open(folder / "b.png").resize((64, 64), Image.Resampling.LANCZOS)
         want_wide = nodes.VAEEncode().encode(vae, pixels(wide))[0]["samples"]
         want_square = nodes.VAEEncode().encode(vae, pixels(square))[0]["samples"]
-    buckets = latent[D.BUCKETS_KEY]
+    buckets = latent[BUCKETS_KEY]
     assert torch.equal(buckets[1][0], want_wide[0])
     assert torch.equal(buckets[0][1], want_square[0])
     files = sorted(cache.rglob("*.safetensors"))
@@ -143,7 +150,7 @@ def test_a_second_run_reads_the_cache_and_a_changed_image_or_vae_encodes_again(D
     calls = counting(vae, monkeypatch)
     again = load(D, folder, vae, clip, cache)[0]
     assert calls == []  # no VAE call: every latent came from the cache
-    assert all(torch.equal(x, y) for x, y in zip(first[D.BUCKETS_KEY], again[D.BUCKETS_KEY]))
+    assert all(torch.equal(x, y) for x, y in zip(first[BUCKETS_KEY], again[BUCKETS_KEY]))
 
     copy = make_folder(tmp_path / "copy")
     signature = D.LycorisDataset.IS_CHANGED(str(copy))
@@ -151,8 +158,8 @@ def test_a_second_run_reads_the_cache_and_a_changed_image_or_vae_encodes_again(D
     assert D.LycorisDataset.IS_CHANGED(str(copy)) != signature
     changed = load(D, copy, vae, clip, cache)[0]
     assert calls == [(1, 48, 80, 3)]  # only the changed image
-    assert not torch.equal(changed[D.BUCKETS_KEY][1][0], first[D.BUCKETS_KEY][1][0])
-    assert torch.equal(changed[D.BUCKETS_KEY][1][1], first[D.BUCKETS_KEY][1][1])
+    assert not torch.equal(changed[BUCKETS_KEY][1][0], first[BUCKETS_KEY][1][0])
+    assert torch.equal(changed[BUCKETS_KEY][1][1], first[BUCKETS_KEY][1][1])
 
     with torch.inference_mode():
         weights = {k: v.clone() for k, v in vae.first_stage_model.state_dict().items()}
@@ -168,7 +175,7 @@ def test_without_the_cache_nothing_is_written_and_bad_settings_are_named(D, host
     one = make_folder(tmp_path / "one", names=("d.png",))
     latent, conditioning, captions = load(D, one, vae, clip, tmp_path / "c", cache_latents=False)
     assert not (tmp_path / "c").exists()
-    assert D.BUCKETS_KEY not in latent and tuple(latent["samples"].shape) == (1, 4) + WIDE  # one size: plain
+    assert BUCKETS_KEY not in latent and tuple(latent["samples"].shape) == (1, 4) + WIDE  # one size: plain
     assert captions == "" and len(conditioning) == 1
     with pytest.raises(ValueError, match="multiple of 8"):
         load(D, one, vae, clip, tmp_path / "c", bucket_step=12)
@@ -235,7 +242,7 @@ def test_lycoris_train_draws_each_batch_from_one_bucket(D, host_models, dataset,
     assert_batches_follow_buckets(calls, conditioning[:2], conditioning[2:])
     # every bucket reaches the loss as the host's sampler prepares its latent (the first one) does
     latent_in = host_models[0].model.process_latent_in
-    for got, raw in zip(seen[0], latent[D.BUCKETS_KEY]):
+    for got, raw in zip(seen[0], latent[BUCKETS_KEY]):
         assert torch.allclose(got, latent_in(raw.float()), rtol=1e-6, atol=0)
     assert lycoris.metadata["ss_num_train_images"] == "4" and lycoris.metadata["ss_enable_bucket"] == "True"
     assert '"resolution": [80, 48], "count": 2' in lycoris.metadata["ss_bucket_info"]
@@ -247,7 +254,7 @@ def test_the_hosts_list_inputs_train_as_one_bucketed_run(D, host_models, dataset
     import execution
 
     latent, conditioning, captions = dataset[2]
-    per_image = [{"samples": b[i:i + 1]} for b in latent[D.BUCKETS_KEY] for i in range(b.shape[0])]
+    per_image = [{"samples": b[i:i + 1]} for b in latent[BUCKETS_KEY] for i in range(b.shape[0])]
     order = [2, 0, 3, 1]  # interleaved sizes, as a folder listing gives them
     model, calls = watched(host_models[0])
     train = pack_module("nodes.train")
@@ -263,27 +270,27 @@ def test_the_hosts_list_inputs_train_as_one_bucketed_run(D, host_models, dataset
     assert lycoris.metadata["ss_num_train_images"] == "4"
 
 
-def test_host_lists_are_merged_by_size_with_conditioning_and_captions_in_step(D):
+def test_host_lists_are_merged_by_size_with_conditioning_and_captions_in_step(inputs_module):
     t = [torch.full((1, 4, 8, 8), 0.0), torch.full((1, 4, 6, 10), 1.0), torch.full((2, 4, 8, 8), 2.0)]
     inputs = {"model": ["m"], "latents": [{"samples": x} for x in t], "conditioning": [["c0"], ["c1"], ["c2", "c3"]],
               "captions": ["zero\none", "two\nthree"], "steps": [5]}
-    out = D.from_host_lists(inputs)
-    buckets = D.latent_buckets(out["latents"])
+    out = inputs_module.from_host_lists(inputs)
+    buckets = inputs_module.latent_buckets(out["latents"])
     assert [b[:, 0, 0, 0].tolist() for b in buckets] == [[0.0, 2.0, 2.0], [1.0]]
     assert out["conditioning"] == ["c0", "c2", "c3", "c1"]
     assert out["captions"].split("\n") == ["zero", "two", "three", "one"]
     assert out["model"] == "m" and out["steps"] == 5
     direct = {"model": object(), "latents": {"samples": t[0]}}
-    assert D.from_host_lists(direct) is direct
-    shared = D.from_host_lists({"model": ["m"], "latents": [{"samples": t[2]}, {"samples": t[1]}],
+    assert inputs_module.from_host_lists(direct) is direct
+    shared = inputs_module.from_host_lists({"model": ["m"], "latents": [{"samples": t[2]}, {"samples": t[1]}],
                                 "conditioning": [["x"], ["y"]]})
     assert shared["conditioning"] == ["x", "x", "y"]
     with pytest.raises(ValueError, match="3 entries"):
-        D.from_host_lists({"model": ["m"], "latents": [{"samples": t[2]}, {"samples": t[1]}, {"samples": t[0]}],
+        inputs_module.from_host_lists({"model": ["m"], "latents": [{"samples": t[2]}, {"samples": t[1]}, {"samples": t[0]}],
                            "conditioning": [["x", "y"], ["z"]]})
 
 
-def test_the_hosts_own_dataset_nodes_lists_merge_into_buckets(D, host_models, dataset):
+def test_the_hosts_own_dataset_nodes_lists_merge_into_buckets(inputs_module, host_models, dataset):
     """v0.8+: Make Training Dataset (a LATENT and a CONDITIONING per image) and Resolution Bucket
     (per size) as LyCORIS Train receives them: the same images and captions, grouped by size."""
     core = pytest.importorskip("comfy_extras.nodes_dataset")
@@ -300,9 +307,9 @@ def test_the_hosts_own_dataset_nodes_lists_merge_into_buckets(D, host_models, da
         bucketed = core.ResolutionBucket.execute(latents, conds)
         by_size = bucketed.result if hasattr(bucketed, "result") else bucketed
     for lists in ((latents, conds), by_size):
-        out = D.from_host_lists({"model": ["m"], "latents": list(lists[0]), "conditioning": list(lists[1]),
+        out = inputs_module.from_host_lists({"model": ["m"], "latents": list(lists[0]), "conditioning": list(lists[1]),
                                  "captions": texts})
-        buckets = D.latent_buckets(out["latents"])
+        buckets = inputs_module.latent_buckets(out["latents"])
         assert [tuple(b.shape) for b in buckets] == [(2, 4, 8, 8), (1, 4, 4, 8)]
         assert torch.equal(buckets[0], torch.cat([latents[0]["samples"], latents[2]["samples"]]))
         assert torch.equal(buckets[1], latents[1]["samples"])
