@@ -75,7 +75,7 @@ def _one_step(family: str, checkpointing: bool):
     return recorder
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3", "wan21", "qwen_image", "sdxl"])
+@pytest.mark.parametrize("family", dit.FAMILY_NAMES)
 def test_checkpointing_leaves_every_adapter_gradient_unchanged(family):
     plain = _one_step(family, checkpointing=False)
     ckpt = _one_step(family, checkpointing=True)

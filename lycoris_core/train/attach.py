@@ -16,12 +16,12 @@ it, so there it must be a plain float tensor (fp8 is upcast; packed quantised fo
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..algos import Adapter
 from ..layer import LayerSpec
@@ -151,28 +151,69 @@ def _rng_state(tensors) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     return torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in sorted(cuda)}
 
 
+def _tensors_in(value, found: list) -> object:
+    """`value` with every tensor inside it (lists, tuples, named tuples, dicts, dataclasses) replaced
+    by its index in `found`, where it is appended; the inverse is `_filled`."""
+    if isinstance(value, torch.Tensor):
+        found.append(value)
+        return _Slot(len(found) - 1)
+    if isinstance(value, (list, tuple)):
+        items = [_tensors_in(v, found) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if isinstance(value, dict):
+        return type(value)((k, _tensors_in(v, found)) for k, v in value.items())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        # e.g. Flux/Chroma's modulation vectors (ModulationOut) handed to every block
+        changes = {f.name: _tensors_in(getattr(value, f.name), found) for f in dataclasses.fields(value)
+                   if f.init}
+        return _Frozen(value, changes)
+    return value
+
+
+class _Slot(int):
+    """Where a tensor was in a structure given to `_tensors_in`."""
+
+
+class _Frozen:
+    """A dataclass instance with its tensor fields taken out (see `_tensors_in`)."""
+
+    def __init__(self, original, changes: dict):
+        self.original, self.changes = original, changes
+
+
+def _filled(template, tensors) -> object:
+    if isinstance(template, _Slot):
+        return tensors[template]
+    if isinstance(template, (list, tuple)):
+        items = [_filled(v, tensors) for v in template]
+        return type(template)(*items) if hasattr(template, "_fields") else type(template)(items)
+    if isinstance(template, dict):
+        return type(template)((k, _filled(v, tensors)) for k, v in template.items())
+    if isinstance(template, _Frozen):
+        return dataclasses.replace(template.original, **{k: _filled(v, tensors) for k, v in template.changes.items()})
+    return template
+
+
 def _checkpointed_forward(module: nn.Module):
     original = module.forward
 
     def forward(*args, **kwargs):
         if not torch.is_grad_enabled():
             return original(*args, **kwargs)
-        leaves, spec = tree_flatten((args, kwargs))
-        where = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+        inputs: list[torch.Tensor] = []
+        template = _tensors_in((args, kwargs), inputs)
         result = {}
 
         def call(*tensors):
-            filled = list(leaves)
-            for i, t in zip(where, tensors):
-                filled[i] = t.clone()  # a block that updates its inputs in place must not change the saved ones
-            a, kw = tree_unflatten(filled, spec)
-            result["leaves"], result["spec"] = tree_flatten(original(*a, **kw))
-            return tuple(v for v in result["leaves"] if isinstance(v, torch.Tensor))
+            # a block that updates its inputs in place must not change the saved ones
+            a, kw = _filled(template, [t.clone() for t in tensors])
+            outputs: list[torch.Tensor] = []
+            result["template"] = _tensors_in(original(*a, **kw), outputs)
+            return tuple(outputs)
 
         anchor = torch.empty(0, requires_grad=True)  # backward runs even when no input needs grad
-        outputs = iter(_Recomputed.apply(call, anchor, *[leaves[i] for i in where]))
-        out = [next(outputs) if isinstance(v, torch.Tensor) else v for v in result["leaves"]]
-        return tree_unflatten(out, result["spec"])
+        outputs = _Recomputed.apply(call, anchor, *inputs)
+        return _filled(result["template"], outputs)
 
     return forward
 
