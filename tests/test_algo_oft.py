@@ -241,3 +241,34 @@ def test_trainable_starts_at_identity_and_gets_gradients(kind, rescaled):
     assert float(exported["alpha"]) == pytest.approx(1e-3)
     params = assert_trainable(adapter, layer, sample_input(layer), each=True)
     assert len(params) == (2 if rescaled else 1)
+
+
+def test_cayley_is_the_rotation_the_float64_solve_gives_for_small_and_large_blocks():
+    """R = (I - Q)^-1 (I + Q) computed through I - Q^2 (Cholesky): orthogonal and equal to a float64
+    LU solve, also where Q is large (its conditioning is 1 + s^2)."""
+    from lycoris_core.algos.oft import cayley
+
+    g = torch.Generator().manual_seed(0)
+    for scale in (1e-3, 0.1, 1.0, 5.0):
+        blocks = scale * torch.randn(6, 8, 8, generator=g)
+        q = (blocks - blocks.transpose(-1, -2)).double()
+        eye = torch.eye(8, dtype=torch.float64)
+        want = torch.linalg.solve(eye - q, eye + q)
+        got = cayley(blocks, 0.0, 48).double()
+        assert (got - want).abs().max() < 1e-5 * (1 + scale ** 2), scale
+        assert (got @ got.transpose(-1, -2) - eye).abs().max() < 1e-5 * (1 + scale ** 2), scale
+
+
+def test_cayley_of_zero_blocks_is_the_identity_after_the_thread_count_changed():
+    """A fresh Diag-OFT/BOFT has zero blocks: R = I. torch 2.14.1's CPU LU returned invalid pivots
+    for a batch of identity blocks once the thread count had changed, and training crashed."""
+    from lycoris_core.algos.oft import cayley
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_num_threads(max(2, threads))
+    try:
+        r = cayley(torch.zeros(4, 192, 192), 0.0, 768)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(r, torch.eye(192).expand(4, 192, 192))

@@ -46,8 +46,13 @@ def cayley(blocks: torch.Tensor, constraint: float | None, out_dim: int) -> torc
         norm = torch.linalg.vector_norm(q) + NORM_EPS
         q = torch.where(norm > bound, q * bound / norm, q)  # no host sync, differentiable
     eye = torch.eye(q.shape[-1], device=q.device, dtype=FP32)
-    # (I + Q) and (I - Q)^-1 commute, so R = solve(I - Q, I + Q); I - Q is invertible for skew Q
-    return torch.linalg.solve(eye - q, eye + q)
+    # R = (I - Q)^-1 (I + Q) = (I - Q^2)^-1 (I + Q)^2: polynomials in Q commute, and for skew Q,
+    # I - Q^2 = (I - Q)^T (I - Q) is symmetric with eigenvalues 1 + s^2 >= 1, so a Cholesky solve
+    # is well conditioned (no pivoting: the batched LU of torch 2.14.1's CPU build returns invalid
+    # pivots for identity blocks after the thread count changed, so R = I crashed a fresh OFT)
+    plus = eye + q
+    factor = torch.linalg.cholesky(eye - q @ q)
+    return torch.cholesky_solve(plus @ plus, factor)
 
 
 def channels_last(y: torch.Tensor, layer: LayerSpec) -> torch.Tensor:
