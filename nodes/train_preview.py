@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import re
 
 import numpy as np
 import torch
@@ -36,6 +35,7 @@ from ..lycoris_core.io import write_new_file
 from .host_compat import latent_rgb_previewer
 from .train_loop import thawed
 from .train_objective import with_guidance
+from .train_state import next_run
 
 log = logging.getLogger("comfyui-lycoris")
 
@@ -90,13 +90,6 @@ def check_sample_conditioning(conditioning) -> None:
                              "with text conditioning only; encode the preview prompt without them")
 
 
-def _next_run(folder: str, stem: str) -> int:
-    """One above the highest run number of this prefix's checkpoints and samples in `folder`."""
-    pattern = re.compile(re.escape(stem) + r"_(\d+)_(?:step\d+\.safetensors|sample_step\d+(?:_\d+)?\.png)$")
-    names = os.listdir(folder) if os.path.isdir(folder) else []
-    return 1 + max((int(m.group(1)) for f in names if (m := pattern.match(f))), default=0)
-
-
 class SamplePreviews:
     """`on_step` hook of run_training: every `every` steps, `steps` Euler steps (scheduler
     "simple", cfg 1) from noise seeded by `seed`, one image of the training latents' size.
@@ -132,7 +125,7 @@ class SamplePreviews:
             from .save import split_prefix  # save.py imports the train node: not at import time
 
             self.folder, self.stem = split_prefix(save_prefix, folder_paths.get_output_directory(), "output")
-            self.run = _next_run(self.folder, self.stem)
+            self.run = next_run(self.folder, self.stem)
 
     def __call__(self, done: int, objective, model_wrap) -> None:
         if done % self.every:
@@ -219,5 +212,5 @@ class SamplePreviews:
                 write_new_file(path, buffer.getvalue())
                 break
             except FileExistsError:  # another run took this run number meanwhile: move on
-                self.run = _next_run(self.folder, self.stem)
+                self.run = next_run(self.folder, self.stem)
         log.info("LyCORIS Train: saved the step %d sample to %s", done, path)

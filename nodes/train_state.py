@@ -77,6 +77,14 @@ def restore_train_state(state: dict, trainer: Trainer, device: torch.device, ste
         torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
+def next_run(folder: str, stem: str) -> int:
+    """One above the highest run number of this prefix's checkpoints and sample previews in
+    `folder`: a run's checkpoints and previews share it, and never reuse an earlier run's."""
+    pattern = re.compile(re.escape(stem) + r"_(\d+)_(?:step\d+\.safetensors|sample_step\d+(?:_\d+)?\.png)$")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return 1 + max((int(m.group(1)) for f in names if (m := pattern.match(f))), default=0)
+
+
 class Checkpoints:
     """`on_step` hook of run_training: every `every` steps the adapters (fp32) and their optimizer
     state, as `<prefix>_<run>_step<step>.safetensors` + `.optim.pt` in the host's output folder;
@@ -87,8 +95,7 @@ class Checkpoints:
 
         folder, stem = split_prefix(prefix, folder_paths.get_output_directory(), "output")
         os.makedirs(folder, exist_ok=True)
-        pattern = re.compile(re.escape(stem) + r"_(\d+)_step\d+\.safetensors$")
-        run = 1 + max((int(m.group(1)) for f in os.listdir(folder) if (m := pattern.match(f))), default=0)
+        run = next_run(folder, stem)
         self.base = os.path.join(folder, f"{stem}_{run:05d}")
         self.every, self.adapters, self.trainer, self.metadata, self.device = every, adapters, trainer, metadata, device
         self.saved: list[str] = []

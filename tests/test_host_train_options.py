@@ -15,18 +15,11 @@ import sys
 import pytest
 import torch
 
-from host import dit, dit_inputs
+from host import dit_inputs
+from host.dit_checks import tiny  # loaded once per process: training never changes it
 from host.helpers import pack_module
 
 pytestmark = pytest.mark.usefixtures("quiet_and_unloaded")
-_MODELS: dict = {}
-
-
-def tiny(family: str):
-    """The tiny `family` model, loaded once per test process (training never changes it)."""
-    if family not in _MODELS:
-        _MODELS[family] = dit.load(family)
-    return _MODELS[family]
 
 
 def run(family: str, model=None, images: int = 1, **kw):
