@@ -16,7 +16,6 @@ import contextlib
 import io
 import json
 import logging
-import math
 import os
 
 import numpy as np
@@ -50,21 +49,6 @@ _UNSET = object()
 def no_samples() -> torch.Tensor:
     """The `samples` output when nothing was decoded: one black 1x1 image."""
     return torch.zeros(1, 1, 1, 3)
-
-
-def euler(model_wrap, noise: torch.Tensor, sigmas: torch.Tensor, extra_args: dict) -> torch.Tensor:
-    """Deterministic Euler sampling from an empty latent, as the host's `euler` sampler does it:
-    noise scaled onto the first sigma, steps along (x - denoised) / sigma, the last sigma's
-    scaling undone. Returns the latent in the model's space."""
-    ms = model_wrap.inner_model.model_sampling
-    max_sigma, first = float(ms.sigma_max), float(sigmas[0])
-    full = math.isclose(max_sigma, first, rel_tol=1e-05) or first > max_sigma
-    x = ms.noise_scaling(sigmas[0], noise, torch.zeros_like(noise), full)
-    ones = x.new_ones([x.shape[0]])
-    for sigma, following in zip(sigmas[:-1], sigmas[1:]):
-        denoised = model_wrap(x, sigma * ones, **extra_args)
-        x = x + (x - denoised) / sigma * (following - sigma)
-    return ms.inverse_noise_scaling(sigmas[-1], x)
 
 
 @contextlib.contextmanager
@@ -153,7 +137,9 @@ class SamplePreviews:
             with torch.random.fork_rng([device] if device.type == "cuda" else []), torch.no_grad(), \
                     eval_mode(*roots):
                 model_wrap.conds = {"positive": self.conds(model_wrap, captions, noise, device)}
-                return euler(model_wrap, noise, sigmas, {"model_options": options, "seed": self.seed})
+                return comfy.samplers.sampler_object(SAMPLER).sample(  # the host's own Euler sampler
+                    model_wrap, sigmas, {"model_options": options, "seed": self.seed}, None, noise,
+                    latent_image=torch.zeros_like(noise), disable_pbar=True)
         finally:
             model_wrap.conds = training_conds
 
