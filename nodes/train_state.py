@@ -61,8 +61,7 @@ def restore_scalars(state: dict, adapters: dict) -> None:
 
 def restore_train_state(state: dict, trainer: Trainer, device: torch.device, steps: int) -> None:
     """Put a saved run's optimizer, schedule and RNG back (the objective's draws go to run_training)."""
-    trained = {f"{n}.{k}" for n, a in trainer.adapters.items() for k, p in a.named_parameters() if p.requires_grad}
-    untrained = sorted(set(state["trainer"]["param_state"]) - trained)
+    untrained = sorted(set(state["trainer"]["param_state"]) - set(trainer.named_parameters()))
     if untrained:
         raise ValueError(f"the optimizer state trains {len(untrained)} parameters that this run does not "
                          f"(first: {untrained[0]}): train the same modules as the saved run (text-encoder "

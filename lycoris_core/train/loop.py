@@ -259,7 +259,8 @@ class Trainer:
         return total / self.accumulation
 
     # ----- state, keyed by parameter name so a resumed run may list its adapters in any order -----
-    def _named_params(self) -> dict[str, torch.Tensor]:
+    def named_parameters(self) -> dict[str, torch.Tensor]:
+        """Every trained parameter by `<adapter name>.<parameter name>`."""
         out = {}
         for name, adapter in self.adapters.items():
             for pname, p in adapter.named_parameters():
@@ -270,7 +271,7 @@ class Trainer:
     def state_dict(self) -> dict:
         """Optimiser state per parameter name, the schedule position and the loss scaler: what a
         resumed run needs to continue exactly (tensors on the CPU)."""
-        ids = {id(p): n for n, p in self._named_params().items()}
+        ids = {id(p): n for n, p in self.named_parameters().items()}
         per_param = {ids[id(p)]: {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v)
                                   for k, v in st.items()}
                      for p, st in self.optimizer.state.items() if id(p) in ids}
@@ -281,7 +282,7 @@ class Trainer:
 
     def load_state_dict(self, state: Mapping) -> None:
         """Continue from `state_dict()` of an earlier run with the same adapters (in any order)."""
-        named = self._named_params()
+        named = self.named_parameters()
         saved = state["param_state"]
         missing = sorted(n for n in named if n not in saved)
         if missing and saved:
